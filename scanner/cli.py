@@ -1,0 +1,189 @@
+"""The `felixscan` command line: parses flags, loads settings, calls one library function.
+
+Only this module turns felixscan's errors into messages and exit codes:
+0 compliant, 1 non-compliant, 2 usage or configuration error, 3 a cluster could not be
+scanned, 4 the results database cannot be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from scanner import __version__
+from scanner.config import Settings, load_settings
+from scanner.errors import ConfigError, FelixscanError, StoreError
+from scanner.records import ClusterResult
+
+EXIT_OK, EXIT_NON_COMPLIANT, EXIT_USAGE, EXIT_CLUSTER_ERROR, EXIT_STORE = 0, 1, 2, 3, 4
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"felixscan: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="felixscan", description=(
+        "Prove that the Calico Felix metrics endpoint (TCP 9091) is disabled and unreachable "
+        "on every node of every cluster."))
+    parser.add_argument("--version", action="version", version=f"felixscan {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress to stderr (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    scan = sub.add_parser("scan", help="scan clusters once and store the results",
+                          description="Scan the configured clusters (or the current kubeconfig "
+                          "context) once, store every result, and exit 0 when all are "
+                          "compliant, 1 when any is not, 3 when any could not be scanned.")
+    _common(scan)
+    scan.add_argument("--cluster", action="append", default=[], metavar="NAME",
+                      help="scan only this configured cluster (repeatable)")
+    scan.add_argument("--json", action="store_true", help="print one JSON document")
+
+    db = sub.add_parser("db", help="manage the results database",
+                        description="Manage the results database schema.")
+    db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    for name, text in (("upgrade", "create or upgrade the schema to this version (Alembic)"),
+                       ("current", "print the schema revision of the database")):
+        p = db_sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _common(p)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file "
+                   "(default: $FELIXSCAN_CONFIG, else the current kubeconfig context)")
+    p.add_argument("--db", metavar="URL", help="database URL (default: $FELIXSCAN_DB, else the "
+                   "config file, else sqlite:///felixscan.db)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "scan":
+            return cmd_scan(args)
+        if args.command == "db":
+            return cmd_db(args)
+    except ConfigError as exc:
+        print(f"felixscan: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as exc:
+        print(f"felixscan: database error: {exc}", file=sys.stderr)
+        return EXIT_STORE
+    except FelixscanError as exc:
+        print(f"felixscan: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("felixscan: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, db_url=args.db)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    settings = _settings(args).select(args.cluster)
+    from scanner.scan import run_scan
+    from scanner.store import Store
+
+    with Store(settings.database) as store:
+        outcome = run_scan(settings, store=store, trigger="cli")
+    if args.json:
+        doc = {"scan_id": outcome.scan_id, "started_at": outcome.started_at.isoformat(),
+               "finished_at": outcome.finished_at.isoformat(),
+               "clusters": [cluster_json(c) for c in outcome.clusters]}
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for c in outcome.clusters:
+            print(summary_line(c))
+    for cluster, reason in outcome.store_errors:
+        print(f"felixscan: {cluster}: result NOT stored: {reason}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def cluster_json(c: ClusterResult) -> dict[str, Any]:
+    declared = c.declared
+    return {
+        "name": c.cluster,
+        "status": c.status,
+        "install": c.install,
+        "declared": {"enabled": declared.enabled, "source": declared.source,
+                     "port": declared.port} if declared else
+        {"enabled": None, "source": None, "port": None},
+        "nodes": [{"name": n.node, "address": n.address, "port": n.port,
+                   "state": n.probe.state, "protocol": n.probe.protocol, "felix": n.probe.felix,
+                   "verdict": n.verdict, "declared_enabled": n.declared.enabled,
+                   "declared_source": n.declared.source, "pod_current": n.pod_current,
+                   "error": n.probe.error} for n in c.nodes],
+        "findings": [{"id": f.id, "severity": f.severity, "node": f.node, "message": f.message}
+                     for f in c.findings],
+        "error": c.error,
+        "timings": {k: round(v, 3) for k, v in c.timings.items()},
+    }
+
+
+def summary_line(c: ClusterResult) -> str:
+    counts = {v: sum(1 for n in c.nodes if n.verdict == v) for v in ("pass", "fail", "unknown")}
+    head = f"{c.cluster}: {c.status.upper().replace('_', '-')}"
+    if c.status == "error" and not c.nodes:
+        return f"{head} ({c.error})"
+    declared = c.declared
+    state = ("unknown" if declared is None or declared.enabled is None
+             else "enabled" if declared.enabled else "disabled")
+    source = f" by {declared.source}" if declared else ""
+    line = (f"{head} [{c.install}] metrics {state}{source}; nodes: {len(c.nodes)} "
+            f"({counts['pass']} pass, {counts['fail']} fail, {counts['unknown']} unknown)")
+    worst = [f for f in c.findings if f.severity in ("critical", "high")][:3]
+    for f in worst:
+        line += f"\n  {f.severity.upper()} {f.id}{' ' + f.node if f.node else ''}: {f.message}"
+    if len([f for f in c.findings if f.severity in ("critical", "high")]) > 3:
+        line += "\n  ... (--json for every finding)"
+    if c.error:
+        line += f"\n  {c.error}"
+    return line
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from scanner.store import Store, redact_url
+
+    settings = _db_settings(args)
+    with Store(settings) as store:
+        if args.db_command == "upgrade":
+            before, after = store.upgrade()
+            if before == after:
+                print(f"database {redact_url(settings)} already at revision {after}")
+            else:
+                print(f"database {redact_url(settings)} upgraded from {before or 'empty'} "
+                      f"to {after}")
+        else:
+            print(store.current() or "empty (run `felixscan db upgrade`)")
+    return EXIT_OK
+
+
+def _db_settings(args: argparse.Namespace) -> str:
+    """The database URL without requiring clusters: --db, $FELIXSCAN_DB, the file, the default."""
+    if args.db:
+        return str(args.db)
+    import os
+
+    if os.environ.get("FELIXSCAN_DB"):
+        return os.environ["FELIXSCAN_DB"]
+    if args.config or os.environ.get("FELIXSCAN_CONFIG"):
+        return load_settings(args.config).database
+    from scanner.config import DEFAULT_DATABASE
+
+    return DEFAULT_DATABASE

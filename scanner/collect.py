@@ -1,0 +1,609 @@
+"""Reads one cluster's Calico state from the Kubernetes API, read-only, into a ClusterSnapshot.
+
+The only module that imports `kubernetes`. Requests go through the real client with raw JSON
+answers (`_preload_content=False`): fast on lists of thousands of nodes and indifferent to CRD
+schemas. Every request has a timeout and the whole collection a deadline; lists are paged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import configparser
+import json
+import random
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from scanner.calico import CONFIG_FILE, felix_param, parse_bool, parse_port
+from scanner.config import ClusterSettings
+from scanner.errors import ApiError, ApiForbidden, ApiUnreachable, CalicoNotFound, ClusterError
+from scanner.records import (
+    ClusterSnapshot,
+    ConfigFile,
+    EnvVar,
+    FelixConfig,
+    Installation,
+    Install,
+    Node,
+    Pod,
+    Rollout,
+)
+
+PAGE_SIZE = 500
+MANIFEST_NAMESPACE = "kube-system"
+OPERATOR_NAMESPACE = "calico-system"
+FELIX_PATH = "/apis/crd.projectcalico.org/v1/felixconfigurations"
+INSTALLATION_PATH = "/apis/operator.tigera.io/v1/installations/default"
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_MAX_ATTEMPTS = 4
+_MAX_RELISTS = 3
+_RELEVANT = "prometheusmetrics"  # Felix parameters the scanner reads begin with this
+
+
+@dataclass
+class Api:
+    """A thin, deadline-aware door to one cluster's API server."""
+
+    client: Any
+    timeout: float
+    deadline: float  # time.monotonic() by which the whole collection must end
+    cluster: str
+    requests: int = 0
+    sleep: Any = field(default=time.sleep)
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ApiUnreachable(f"deadline exceeded: the API did not answer all requests in time "
+                                 f"({self.requests} requests made)")
+        return left
+
+    def get(self, path: str, query: Mapping[str, str | int] | None = None) -> dict[str, Any] | None:
+        """GET a path as JSON; None on 404. Retries 429 and 5xx with backoff, within the deadline."""
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            timeout = min(self.timeout, self.remaining())
+            self.requests += 1
+            try:
+                resp = self.client.call_api(
+                    path, "GET", query_params=list((query or {}).items()),
+                    header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+                    _preload_content=False, _request_timeout=(min(timeout, 5.0), timeout),
+                    _return_http_data_only=True)
+                body = resp.data
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                if exc.status in (401, 403):
+                    raise ApiForbidden(f"GET {path}: {exc.status} {_status_message(exc)}",
+                                       status=exc.status) from None
+                if exc.status in _RETRY_STATUS and attempt < _MAX_ATTEMPTS:
+                    self._backoff(attempt, exc)
+                    continue
+                raise ApiError(f"GET {path}: {exc.status} {_status_message(exc)}"
+                               + (f" (after {attempt} attempts)" if attempt > 1 else ""),
+                               status=exc.status) from None
+            except urllib3.exceptions.HTTPError as exc:
+                raise ApiUnreachable(f"GET {path}: {_transport_reason(exc, timeout)}") from None
+            try:
+                doc = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ApiError(f"GET {path}: the answer is not valid JSON ({exc})") from None
+            if not isinstance(doc, dict):
+                raise ApiError(f"GET {path}: expected a JSON object, got {type(doc).__name__}")
+            return doc
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, exc: ApiException) -> None:
+        retry_after = None
+        headers = exc.headers or {}
+        raw = headers.get("Retry-After") if hasattr(headers, "get") else None
+        if raw and str(raw).isdigit():
+            retry_after = float(raw)
+        delay = retry_after if retry_after is not None else 0.2 * 2 ** (attempt - 1)
+        delay = min(delay + random.uniform(0, 0.1), 10.0)
+        if delay >= self.remaining():
+            raise ApiUnreachable(f"deadline exceeded while backing off after HTTP {exc.status}")
+        self.sleep(delay)
+
+    def list(self, path: str, query: Mapping[str, str | int] | None = None
+             ) -> Iterator[dict[str, Any]] | None:
+        """Every item of a list, paged with limit/continue; None when the resource is not served.
+
+        A continue token that expired (410 Gone) restarts the list, a few times at most, so a
+        list that changes under us still yields one consistent view.
+        """
+        first = self._page(path, {**(query or {}), "limit": PAGE_SIZE})
+        if first is None:
+            return None
+        return self._pages(path, dict(query or {}), first)
+
+    def _page(self, path: str, query: Mapping[str, str | int]) -> dict[str, Any] | None:
+        doc = self.get(path, query)
+        if doc is not None and not isinstance(doc.get("items", []), list):
+            raise ApiError(f"GET {path}: `items` is not a list")
+        return doc
+
+    def _pages(self, path: str, query: dict[str, str | int], first: dict[str, Any]
+               ) -> Iterator[dict[str, Any]]:
+        relists = 0
+        while True:
+            items: list[dict[str, Any]] = []
+            page: dict[str, Any] | None = first
+            expired = False
+            while page is not None:
+                items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
+                token = (page.get("metadata") or {}).get("continue")
+                if not token:
+                    break
+                try:
+                    page = self._page(path, {**query, "limit": PAGE_SIZE, "continue": token})
+                except ApiError as exc:
+                    if exc.status != 410:
+                        raise
+                    expired = True
+                    break
+                if page is None:
+                    raise ApiError(f"GET {path}: the list vanished while paging (404)")
+            if not expired:
+                yield from items
+                return
+            relists += 1
+            if relists > _MAX_RELISTS:
+                raise ApiError(f"GET {path}: the list kept changing while paging "
+                               f"(410 Gone {relists} times)", status=410)
+            restart = self._page(path, {**query, "limit": PAGE_SIZE})
+            if restart is None:
+                raise ApiError(f"GET {path}: the list vanished while paging (404)")
+            first = restart
+
+
+def _status_message(exc: ApiException) -> str:
+    """The apiserver's Status message (never the request, which may carry credentials)."""
+    reason = exc.reason or ""
+    try:
+        body = json.loads(exc.body or b"")
+    except (ValueError, TypeError):
+        return reason
+    if isinstance(body, dict) and body.get("message"):
+        return f"{reason}: {str(body['message'])[:300]}"
+    return reason
+
+
+def _transport_reason(exc: BaseException, timeout: float) -> str:
+    text = str(getattr(exc, "reason", None) or exc)
+    low = text.lower()
+    if "timed out" in low or isinstance(exc, urllib3.exceptions.TimeoutError):
+        return f"no answer within {timeout:.1f}s (timed out)"
+    if "certificate" in low or "ssl" in low or isinstance(exc, urllib3.exceptions.SSLError):
+        match = re.search(r"\[SSL[^\]]*\][^(')]*", text)
+        return f"TLS failure: {match.group(0).strip() if match else 'handshake failed'}"
+    if "refused" in low:
+        return "connection refused"
+    if "name or service not known" in low or "nodename nor servname" in low:
+        return "API host name does not resolve"
+    return f"connection failed ({type(exc).__name__})"
+
+
+# --- the client --------------------------------------------------------------------------
+
+
+def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
+    """A client for the cluster from its kubeconfig context or in-cluster service account."""
+    configuration = k8s_client.Configuration()
+    try:
+        if settings.in_cluster:
+            k8s_config.load_incluster_config(client_configuration=configuration)
+        else:
+            k8s_config.load_kube_config(
+                config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
+                context=settings.context, client_configuration=configuration,
+                persist_config=False)
+    except ConfigException as exc:
+        raise ClusterError(f"cannot use the kubeconfig credentials: {_clean(str(exc))}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # An exec credential plugin that fails or prints garbage surfaces here.
+        raise ClusterError(f"cannot load credentials ({type(exc).__name__}: "
+                           f"{_clean(str(exc))})") from None
+    # urllib3 retries connection failures itself (twice), never a read that timed out: a
+    # hanging API costs one timeout, not four.
+    configuration.retries = urllib3.Retry(total=2, connect=2, read=0, status=0, redirect=0,
+                                          backoff_factor=0.1)
+    api_client = k8s_client.ApiClient(configuration)
+    return Api(client=api_client, timeout=settings.api_timeout_seconds, deadline=deadline,
+               cluster=settings.name)
+
+
+def _clean(text: str) -> str:
+    # Kubeconfig errors can quote file content; keep the first line and cut tokens short.
+    first = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    return re.sub(r"[A-Za-z0-9+/=_\-.]{40,}", "<redacted>", first)[:300]
+
+
+# --- collection --------------------------------------------------------------------------
+
+
+def collect(settings: ClusterSettings, *, api: Api | None = None) -> ClusterSnapshot:
+    """Read the cluster's Calico state. Raises ClusterError subclasses on failure."""
+    started = time.monotonic()
+    if api is None:
+        api = make_api(settings, deadline=started + settings.deadline_seconds)
+    try:
+        return _collect(settings, api, started)
+    finally:
+        close = getattr(api.client, "close", None)
+        if close is not None:
+            close()
+
+
+def _collect(settings: ClusterSettings, api: Api, started: float) -> ClusterSnapshot:
+    installation_doc = api.get(INSTALLATION_PATH)
+    installation = None
+    if installation_doc is not None:
+        port = (installation_doc.get("spec") or {}).get("nodeMetricsPort")
+        installation = Installation(name="default",
+                                    node_metrics_port=port if isinstance(port, int) else None)
+    ds, namespace = _find_daemonset(settings, api, operator=installation is not None)
+    install = _install_type(ds, namespace, installation)
+    meta = ds.get("metadata") or {}
+    spec = ds.get("spec") or {}
+    pod_spec = ((spec.get("template") or {}).get("spec")) or {}
+    container = next((c for c in pod_spec.get("containers") or []
+                      if c.get("name") == settings.calico.container), None)
+    if container is None:
+        names = ", ".join(str(c.get("name")) for c in pod_spec.get("containers") or [])
+        raise CalicoNotFound(f"DaemonSet {namespace}/{meta.get('name')} has no container "
+                             f"{settings.calico.container!r} (it has: {names or 'none'})")
+    env = _resolve_env(api, namespace, container)
+    config_file = _config_file(api, namespace, container, pod_spec)
+    felix_configs, felix_crd = _felix_configs(api)
+    selector = ((spec.get("selector") or {}).get("matchLabels")) or {}
+    label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    rollout = _rollout(api, ds, namespace, label_selector)
+    pods = _pods(api, namespace, label_selector, meta.get("uid"))
+    nodes = _nodes(api)
+    return ClusterSnapshot(
+        cluster=settings.name, install=install, namespace=namespace,
+        daemonset=str(meta.get("name")), container=settings.calico.container,
+        image=container.get("image"), env=env, config_file=config_file,
+        felix_configs=felix_configs, felix_crd=felix_crd, installation=installation,
+        rollout=rollout, pods=pods, nodes=nodes, collected_at=datetime.now(UTC),
+        api_seconds=time.monotonic() - started)
+
+
+def _find_daemonset(settings: ClusterSettings, api: Api, *, operator: bool
+                    ) -> tuple[dict[str, Any], str]:
+    name = settings.calico.daemonset
+    if settings.calico.namespace:
+        candidates = [settings.calico.namespace]
+    elif operator:
+        candidates = [OPERATOR_NAMESPACE, MANIFEST_NAMESPACE]
+    else:
+        candidates = [MANIFEST_NAMESPACE, OPERATOR_NAMESPACE]
+    for ns in candidates:
+        doc = api.get(f"/apis/apps/v1/namespaces/{ns}/daemonsets/{name}")
+        if doc is not None:
+            return doc, ns
+    raise CalicoNotFound(f"no DaemonSet {name!r} in namespace {' or '.join(candidates)}; "
+                         "set calico.namespace/daemonset in the config if Calico is elsewhere")
+
+
+def _install_type(ds: Mapping[str, Any], namespace: str,
+                  installation: Installation | None) -> Install:
+    owners = (ds.get("metadata") or {}).get("ownerReferences") or []
+    if any(o.get("kind") == "Installation" and str(o.get("apiVersion", "")).startswith(
+            "operator.tigera.io/") for o in owners):
+        return "operator"
+    if installation is not None and namespace == OPERATOR_NAMESPACE:
+        return "operator"
+    if namespace == OPERATOR_NAMESPACE:
+        return "unknown"
+    return "manifest"
+
+
+# --- env ---------------------------------------------------------------------------------
+
+
+class _Objects:
+    """ConfigMaps and Secrets of one namespace, each fetched once."""
+
+    def __init__(self, api: Api, namespace: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.cache: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def data(self, kind: str, name: str) -> dict[str, str] | None:
+        key = (kind, name)
+        if key not in self.cache:
+            plural = "configmaps" if kind == "configmap" else "secrets"
+            self.cache[key] = self.api.get(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
+        doc = self.cache[key]
+        if doc is None:
+            return None
+        data = doc.get("data") or {}
+        if kind == "secret":
+            out: dict[str, str] = {}
+            for k, v in data.items():
+                try:
+                    out[k] = base64.b64decode(str(v), validate=True).decode("utf-8")
+                except (binascii.Error, UnicodeDecodeError):
+                    out[k] = "\x00<undecodable>"
+            return out
+        return {str(k): str(v) for k, v in data.items()}
+
+
+def _secret_stand_in(param: str, value: str) -> str:
+    """What is kept of a Secret value: its meaning for Felix, never its text."""
+    if param.endswith("enabled"):
+        parsed, valid = parse_bool(value)
+        return str(parsed).lower() if valid else "<redacted>"
+    if param.endswith("port"):
+        port, valid = parse_port(value)
+        return str(port) if valid else "<redacted>"
+    return "<set>" if value else ""
+
+
+def _resolve_env(api: Api, namespace: str, container: Mapping[str, Any]) -> tuple[EnvVar, ...]:
+    """The container's Felix metrics variables with Kubernetes' own semantics.
+
+    envFrom first, then env (later entries win); `$(VAR)` references expanded; ConfigMap and
+    Secret references read. Only `felix_prometheusmetrics*` variables are kept.
+    """
+    objects = _Objects(api, namespace)
+    resolved: dict[str, EnvVar] = {}
+    plain: dict[str, str] = {}  # every literal value, for $(VAR) expansion
+
+    for src in container.get("envFrom") or []:
+        prefix = str(src.get("prefix") or "")
+        for kind in ("configMapRef", "secretRef"):
+            ref = src.get(kind)
+            if not isinstance(ref, dict):
+                continue
+            what = "configmap" if kind == "configMapRef" else "secret"
+            name = str(ref.get("name"))
+            data = objects.data(what, name)
+            origin = f"envFrom {what} {namespace}/{name}"
+            if data is None:
+                if not ref.get("optional"):
+                    resolved[f"{prefix}<envFrom {name}>"] = EnvVar(
+                        name=f"{prefix}* (envFrom {what} {name})", value=None, origin=origin,
+                        error=f"{what} {namespace}/{name} named by envFrom does not exist or "
+                        "is not readable; the pod cannot start with it")
+                continue
+            for key, value in data.items():
+                env_name = prefix + key
+                param = felix_param(env_name)
+                if what == "configmap":
+                    plain[env_name] = value
+                if param and param.startswith(_RELEVANT):
+                    redacted = what == "secret"
+                    resolved[env_name] = EnvVar(
+                        name=env_name, origin=f"{origin}[{key}]", redacted=redacted,
+                        value=_secret_stand_in(param, value) if redacted else value)
+    for entry in container.get("env") or []:
+        if not isinstance(entry, dict) or "name" not in entry:
+            continue
+        env_name = str(entry["name"])
+        param = felix_param(env_name)
+        relevant = bool(param and param.startswith(_RELEVANT))
+        if "valueFrom" not in entry:
+            value = _expand(str(entry.get("value", "")), plain)
+            plain[env_name] = value
+            if relevant:
+                resolved[env_name] = EnvVar(name=env_name, value=value, origin="literal")
+            else:
+                resolved.pop(env_name, None)
+            continue
+        plain.pop(env_name, None)
+        if not relevant:
+            continue
+        var = _value_from(objects, env_name, param or "", entry["valueFrom"])
+        if var.value is not None or var.error:
+            resolved[env_name] = var
+        # An optional reference that is missing sets nothing: an envFrom value stays.
+    return tuple(v for v in resolved.values() if v.value is not None or v.error)
+
+
+def _value_from(objects: _Objects, env_name: str, param: str, spec: Any) -> EnvVar:
+    ns = objects.namespace
+    for kind, what in (("configMapKeyRef", "configmap"), ("secretKeyRef", "secret")):
+        ref = spec.get(kind) if isinstance(spec, dict) else None
+        if not isinstance(ref, dict):
+            continue
+        name, key = str(ref.get("name")), str(ref.get("key"))
+        origin = f"{what} {ns}/{name}[{key}]"
+        data = objects.data(what, name)
+        if data is None or key not in data:
+            if ref.get("optional"):
+                return EnvVar(name=env_name, value=None, origin=origin)  # unset: dropped
+            missing = f"{what} {ns}/{name}" if data is None else f"key {key!r} in {what} {ns}/{name}"
+            return EnvVar(name=env_name, value=None, origin=origin,
+                          error=f"{missing} does not exist or is not readable by the scanner")
+        if what == "secret":
+            return EnvVar(name=env_name, value=_secret_stand_in(param, data[key]), origin=origin,
+                          redacted=True)
+        return EnvVar(name=env_name, value=data[key], origin=origin)
+    source = next(iter(spec), "unknown") if isinstance(spec, dict) else "unknown"
+    return EnvVar(name=env_name, value=None, origin=f"valueFrom {source}",
+                  error=f"value comes from {source}, which the scanner cannot evaluate")
+
+
+_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def _expand(value: str, known: Mapping[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion: defined names are replaced, `$$` escapes, others stay."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return known.get(m.group(1), m.group(0))
+    return _REF.sub(sub, value)
+
+
+# --- the config file -----------------------------------------------------------------------
+
+
+def _config_file(api: Api, namespace: str, container: Mapping[str, Any],
+                 pod_spec: Mapping[str, Any]) -> ConfigFile:
+    """Whether a volume replaces /etc/calico/felix.cfg, and what it says when we can read it."""
+    mount = None
+    for m in container.get("volumeMounts") or []:
+        path = str(m.get("mountPath", "")).rstrip("/")
+        if path and (CONFIG_FILE == path or CONFIG_FILE.startswith(path + "/")):
+            if mount is None or len(path) > len(str(mount.get("mountPath"))):
+                mount = m
+    if mount is None:
+        return ConfigFile(known=True, values={}, origin="image default, sets no Prometheus keys")
+    volume = next((v for v in pod_spec.get("volumes") or [] if v.get("name") == mount.get("name")),
+                  None)
+    mount_path = str(mount.get("mountPath")).rstrip("/")
+    if volume is None:
+        return ConfigFile(known=False, values={}, origin=f"volume {mount.get('name')}",
+                          error="the mounted volume is not declared in the pod")
+    for kind, what in (("configMap", "configmap"), ("secret", "secret")):
+        ref = volume.get(kind)
+        if not isinstance(ref, dict):
+            continue
+        name = str(ref.get("name") or ref.get("secretName"))
+        if mount_path == CONFIG_FILE:
+            key = str(mount.get("subPath") or "felix.cfg")
+        else:
+            rel = CONFIG_FILE[len(mount_path) + 1:]
+            key = rel
+            for item in ref.get("items") or []:
+                if item.get("path") == rel:
+                    key = str(item.get("key"))
+        origin = f"{what} {namespace}/{name}[{key}]"
+        data = _Objects(api, namespace).data(what, name)
+        if data is None:
+            return ConfigFile(known=False, values={}, origin=origin,
+                              error=f"{what} {namespace}/{name} is not readable by the scanner")
+        if key not in data:
+            return ConfigFile(known=True, values={}, origin=f"{origin} (absent)")
+        values = _parse_felix_cfg(data[key])
+        if what == "secret":
+            values = {k: _secret_stand_in(k, v) for k, v in values.items()}
+        return ConfigFile(known=True, values=values, origin=origin)
+    kind = next((k for k in volume if k != "name"), "unknown")
+    return ConfigFile(known=False, values={}, origin=f"{kind} volume {volume.get('name')}",
+                      error=f"{CONFIG_FILE} comes from a {kind} volume whose content the "
+                      "scanner cannot read through the API")
+
+
+def _parse_felix_cfg(text: str) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        return {}
+    out: dict[str, str] = {}
+    for section in parser.sections():
+        if section.lower() == "global":
+            for key, value in parser.items(section):
+                if key.lower().startswith(_RELEVANT):
+                    out[key.lower()] = value
+    return out
+
+
+# --- FelixConfiguration, rollout, pods, nodes ------------------------------------------------
+
+
+def _felix_configs(api: Api) -> tuple[tuple[FelixConfig, ...], bool]:
+    items = api.list(FELIX_PATH)
+    if items is None:
+        return (), False  # the CRD is not installed: normal, every value comes from elsewhere
+    configs = []
+    for item in items:
+        meta = item.get("metadata") or {}
+        spec = item.get("spec") or {}
+        enabled = spec.get("prometheusMetricsEnabled")
+        port = spec.get("prometheusMetricsPort")
+        notes = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()
+                 if str(k).lower().startswith("config.projectcalico.org/")}
+        configs.append(FelixConfig(
+            name=str(meta.get("name")),
+            enabled=enabled if isinstance(enabled, bool) else None,
+            port=port if isinstance(port, int) and not isinstance(port, bool) else None,
+            annotations=notes,
+            node_selector=spec.get("nodeSelector") or None,
+            created=str(meta.get("creationTimestamp") or ""),
+            cert_file=spec.get("prometheusMetricsCertFile") or None))
+    return tuple(sorted(configs, key=lambda c: c.name)), True
+
+
+def _rollout(api: Api, ds: Mapping[str, Any], namespace: str, selector: str) -> Rollout:
+    meta = ds.get("metadata") or {}
+    status = ds.get("status") or {}
+    strategy = ((ds.get("spec") or {}).get("updateStrategy")) or {}
+    max_unavailable = (strategy.get("rollingUpdate") or {}).get("maxUnavailable")
+    current = None
+    revisions = api.list(f"/apis/apps/v1/namespaces/{namespace}/controllerrevisions",
+                         {"labelSelector": selector} if selector else None)
+    best = -1
+    for rev in revisions or []:
+        rmeta = rev.get("metadata") or {}
+        owned = any(o.get("uid") == meta.get("uid") for o in rmeta.get("ownerReferences") or [])
+        number = rev.get("revision")
+        if owned and isinstance(number, int) and number > best:
+            best = number
+            current = (rmeta.get("labels") or {}).get("controller-revision-hash") \
+                or str(rmeta.get("name", "")).rsplit("-", 1)[-1]
+    return Rollout(
+        generation=int(meta.get("generation") or 0),
+        observed_generation=int(status.get("observedGeneration") or 0),
+        desired=int(status.get("desiredNumberScheduled") or 0),
+        updated=int(status.get("updatedNumberScheduled") or 0),
+        ready=int(status.get("numberReady") or 0),
+        available=int(status.get("numberAvailable") or 0),
+        current_revision=current,
+        strategy=str(strategy.get("type") or "RollingUpdate"),
+        max_unavailable=None if max_unavailable is None else str(max_unavailable))
+
+
+def _pods(api: Api, namespace: str, selector: str, ds_uid: str | None) -> tuple[Pod, ...]:
+    items = api.list(f"/api/v1/namespaces/{namespace}/pods",
+                     {"labelSelector": selector} if selector else None)
+    pods = []
+    for item in items or []:
+        meta = item.get("metadata") or {}
+        owners = meta.get("ownerReferences") or []
+        if ds_uid and owners and not any(o.get("uid") == ds_uid for o in owners):
+            continue
+        status = item.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in status.get("conditions") or [])
+        pods.append(Pod(name=str(meta.get("name")),
+                        node=(item.get("spec") or {}).get("nodeName"),
+                        phase=str(status.get("phase") or "Unknown"),
+                        revision=(meta.get("labels") or {}).get("controller-revision-hash"),
+                        ready=ready))
+    return tuple(pods)
+
+
+def _nodes(api: Api) -> tuple[Node, ...]:
+    items = api.list("/api/v1/nodes")
+    if items is None:
+        raise ApiError("GET /api/v1/nodes: not served (404)")
+    nodes = []
+    for item in items:
+        meta = item.get("metadata") or {}
+        status = item.get("status") or {}
+        ready: bool | None = None
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "Ready":
+                ready = cond.get("status") == "True"
+        addresses = tuple((str(a.get("type")), str(a.get("address")))
+                          for a in status.get("addresses") or [] if a.get("address"))
+        nodes.append(Node(name=str(meta.get("name")), addresses=addresses, ready=ready,
+                          labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()}))
+    return tuple(nodes)

@@ -1,0 +1,214 @@
+"""The results database: SQLAlchemy 2 typed models and the engine factory.
+
+The schema itself is created only by the Alembic migrations in `migrations/`; a test fails when
+these models and the migrations drift apart.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite has no BIGINT autoincrement; rows that grow with nodes x days get 64-bit keys elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, on SQLite (which stores naive text) as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use UTC-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class ScanRun(Base):
+    """One invocation of a scan (CLI, scheduler, remediation check), over one or more clusters."""
+
+    __tablename__ = "scan_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(String(16))  # running, finished, aborted
+    trigger: Mapped[str] = mapped_column(String(32))  # cli, schedule, demo, remediation
+    tool_version: Mapped[str] = mapped_column(String(64))
+    scanner_host: Mapped[str] = mapped_column(String(255))  # where the probes came from
+
+    clusters: Mapped[list[ClusterScan]] = relationship(back_populates="run")
+
+    __table_args__ = (Index("ix_scan_runs_started_at", "started_at"),)
+
+
+class ClusterScan(Base):
+    """One cluster's result in one run: the snapshot summary, its status and counts."""
+
+    __tablename__ = "cluster_scans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("scan_runs.id", ondelete="CASCADE"))
+    cluster: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16))  # compliant, non_compliant, error
+    install: Mapped[str] = mapped_column(String(16))
+    declared_enabled: Mapped[bool | None] = mapped_column(Boolean)
+    declared_source: Mapped[str | None] = mapped_column(Text)
+    declared_port: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    nodes_total: Mapped[int] = mapped_column(Integer, default=0)
+    nodes_pass: Mapped[int] = mapped_column(Integer, default=0)
+    nodes_fail: Mapped[int] = mapped_column(Integer, default=0)
+    nodes_unknown: Mapped[int] = mapped_column(Integer, default=0)
+    namespace: Mapped[str | None] = mapped_column(String(255))
+    daemonset: Mapped[str | None] = mapped_column(String(255))
+    image: Mapped[str | None] = mapped_column(Text)
+    # Rollout counts, env and FelixConfiguration facts, probe settings: evidence for reports.
+    snapshot: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    run: Mapped[ScanRun] = relationship(back_populates="clusters")
+    probes: Mapped[list[NodeProbe]] = relationship(back_populates="cluster_scan",
+                                                   cascade="all, delete-orphan")
+    findings: Mapped[list[FindingRow]] = relationship(back_populates="cluster_scan",
+                                                      cascade="all, delete-orphan")
+
+    __table_args__ = (
+        Index("ix_cluster_scans_cluster_started_at", "cluster", "started_at"),
+        Index("ix_cluster_scans_started_at", "started_at"),
+        Index("ix_cluster_scans_run_id", "run_id"),
+    )
+
+
+class NodeProbe(Base):
+    """One node (and port) probed in one cluster scan, with its declared state and verdict."""
+
+    __tablename__ = "node_probes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    cluster_scan_id: Mapped[int] = mapped_column(
+        ForeignKey("cluster_scans.id", ondelete="CASCADE"))
+    node: Mapped[str] = mapped_column(String(253))
+    address: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    protocol: Mapped[str | None] = mapped_column(String(8))
+    felix: Mapped[bool | None] = mapped_column(Boolean)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    verdict: Mapped[str] = mapped_column(String(8))
+    declared_enabled: Mapped[bool | None] = mapped_column(Boolean)
+    declared_source: Mapped[str | None] = mapped_column(Text)
+    pod_current: Mapped[bool | None] = mapped_column(Boolean)
+    node_ready: Mapped[bool | None] = mapped_column(Boolean)
+    tls_version: Mapped[str | None] = mapped_column(String(16))
+    tls_subject: Mapped[str | None] = mapped_column(Text)
+    tls_issuer: Mapped[str | None] = mapped_column(Text)
+    tls_self_signed: Mapped[bool | None] = mapped_column(Boolean)
+    tls_not_after: Mapped[datetime | None]
+    tls_sha256: Mapped[str | None] = mapped_column(String(64))
+    felix_host: Mapped[str | None] = mapped_column(String(253))
+    error: Mapped[str | None] = mapped_column(Text)
+    connect_ms: Mapped[float | None] = mapped_column(Float)
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+
+    cluster_scan: Mapped[ClusterScan] = relationship(back_populates="probes")
+
+    __table_args__ = (
+        Index("ix_node_probes_cluster_scan_id", "cluster_scan_id"),
+        Index("ix_node_probes_node", "node"),
+    )
+
+
+class FindingRow(Base):
+    """A finding of one cluster scan, with its stable ID, evidence and remediation text."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    cluster_scan_id: Mapped[int] = mapped_column(
+        ForeignKey("cluster_scans.id", ondelete="CASCADE"))
+    finding_id: Mapped[str] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16))
+    node: Mapped[str | None] = mapped_column(String(253))
+    message: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    remediation: Mapped[str] = mapped_column(Text, default="")
+
+    cluster_scan: Mapped[ClusterScan] = relationship(back_populates="findings")
+
+    __table_args__ = (
+        Index("ix_findings_cluster_scan_id", "cluster_scan_id"),
+        Index("ix_findings_finding_id", "finding_id"),
+    )
+
+
+def normalise_url(url: str) -> str:
+    """Accept the plain `postgresql://` spelling and use psycopg 3 for it."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the per-backend settings felixscan relies on."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL lets readers (reports, serve) go on while a scan writes; busy_timeout makes
+            # a second writer wait instead of failing at once.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})

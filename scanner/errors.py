@@ -1,0 +1,71 @@
+"""felixscan's own error tree. Library errors are wrapped here (`raise ... from exc`).
+
+Only the CLI turns these into messages and exit codes::
+
+    FelixscanError                      exit 2 unless a subclass says otherwise
+    ├── ConfigError                     bad config file, kubeconfig or flag (exit 2)
+    ├── StoreError                      database unreachable, migration missing or failed (exit 2)
+    │   └── SchemaMismatch              database revision differs from the code's head
+    ├── ClusterError                    one cluster could not be scanned (stored as ERROR, exit 3)
+    │   ├── ApiError                    the API answered with an error status or garbage
+    │   │   └── ApiForbidden            401/403: credentials or RBAC
+    │   ├── ApiUnreachable              connection refused, TLS failure, timeout, deadline
+    │   └── CalicoNotFound              no calico-node DaemonSet where expected
+    └── ReportError                     a report cannot be made (empty period, unknown cluster)
+"""
+
+from __future__ import annotations
+
+
+class FelixscanError(Exception):
+    """Base of every error felixscan raises on purpose."""
+
+    exit_code = 2
+
+
+class ConfigError(FelixscanError):
+    """The configuration (file, kubeconfig, flags or environment) is not usable."""
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None) -> None:
+        self.source = source
+        self.key = key
+        where = ": ".join(part for part in (source, key) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class StoreError(FelixscanError):
+    """The results database cannot be used."""
+
+
+class SchemaMismatch(StoreError):
+    """The database schema is not at the revision this version of felixscan needs."""
+
+
+class ClusterError(FelixscanError):
+    """One cluster could not be scanned; the scan stores it as an error and goes on."""
+
+    exit_code = 3
+
+
+class ApiError(ClusterError):
+    """The Kubernetes API answered, but with an error status or a body that is not valid."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class ApiForbidden(ApiError):
+    """The API refused the credentials (401) or the permission (403)."""
+
+
+class ApiUnreachable(ClusterError):
+    """The API could not be reached in time: refused, TLS failure, timeout or deadline."""
+
+
+class CalicoNotFound(ClusterError):
+    """The calico-node DaemonSet is not where the configuration or auto-detection looked."""
+
+
+class ReportError(FelixscanError):
+    """A report cannot be produced from what the database holds."""

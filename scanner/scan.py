@@ -1,0 +1,123 @@
+"""One scan, top to bottom: collect -> declared state -> probe -> evaluate -> store, per cluster.
+
+`run_scan` is the single library entry point; the CLI, the scheduler, the demo and the tests all
+call it. Clusters are scanned concurrently; one cluster's failure is stored as its ERROR result
+and never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from scanner import __version__
+from scanner.calico import cluster_declared, resolve_nodes
+from scanner.collect import collect
+from scanner.config import ClusterSettings, Settings
+from scanner.errors import ClusterError, StoreError
+from scanner.evaluate import evaluate, failed_cluster, probe_targets
+from scanner.probe import ProbeSettings, probe_nodes
+from scanner.records import ClusterResult, ClusterSnapshot
+from scanner.store import Store
+
+log = logging.getLogger(__name__)
+
+Collector = Callable[[ClusterSettings], ClusterSnapshot]
+
+
+@dataclass(frozen=True, slots=True)
+class ScanOutcome:
+    scan_id: int
+    started_at: datetime
+    finished_at: datetime
+    clusters: tuple[ClusterResult, ...]
+    stored: tuple[str, ...]  # clusters whose result is in the database
+    store_errors: tuple[tuple[str, str], ...] = ()  # (cluster, reason) not stored
+
+    @property
+    def exit_code(self) -> int:
+        """0 all compliant, 1 any non-compliant, 3 any cluster not scanned (none non-compliant)."""
+        if any(c.status == "non_compliant" for c in self.clusters):
+            return 1
+        if any(c.status == "error" for c in self.clusters) or self.store_errors:
+            return 3
+        return 0
+
+
+def probe_settings(cluster: ClusterSettings) -> ProbeSettings:
+    p = cluster.probe
+    return ProbeSettings(connect_timeout=p.timeout_seconds, tls_timeout=p.tls_timeout_seconds,
+                         http_timeout=p.http_timeout_seconds, concurrency=p.concurrency,
+                         user_agent=f"felixscan/{__version__}")
+
+
+def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect) -> ClusterResult:
+    """Collect, probe and evaluate one cluster; never raises for the cluster's own faults."""
+    started_at = datetime.now(UTC)
+    t0 = time.monotonic()
+    try:
+        snapshot = collector(cluster)
+    except ClusterError as exc:
+        log.warning("cluster %s: %s", cluster.name, exc)
+        return failed_cluster(cluster.name, str(exc), kind=type(exc).__name__,
+                              started_at=started_at, finished_at=datetime.now(UTC),
+                              timings={"api": time.monotonic() - t0})
+    t1 = time.monotonic()
+    declared = resolve_nodes(snapshot)
+    targets = probe_targets(snapshot, declared, address_type=cluster.probe.address_type,
+                            extra_ports=cluster.probe.extra_ports)
+    probes = probe_nodes(targets, probe_settings(cluster))
+    t2 = time.monotonic()
+    return evaluate(snapshot, declared, probes,
+                    cluster_declared=cluster_declared(snapshot, declared),
+                    started_at=started_at, finished_at=datetime.now(UTC),
+                    timings={"api": t1 - t0, "probe": t2 - t1})
+
+
+def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
+             collector: Collector = collect) -> ScanOutcome:
+    """Scan every configured cluster and store each result in its own transaction."""
+    store.ensure_schema()
+    started_at = datetime.now(UTC)
+    run_id = store.begin_run(trigger=trigger, started_at=started_at)
+    results: list[ClusterResult] = []
+    stored: list[str] = []
+    store_errors: list[tuple[str, str]] = []
+    status = "aborted"
+    try:
+        workers = max(1, min(len(settings.clusters), 8))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster") as pool:
+            futures = [pool.submit(scan_cluster, c, collector=collector)
+                       for c in settings.clusters]
+            for future in futures:
+                result = future.result()
+                t = time.monotonic()
+                try:
+                    store.save_cluster(run_id, result)
+                except StoreError as exc:
+                    log.error("cluster %s: result not stored: %s", result.cluster, exc)
+                    store_errors.append((result.cluster, str(exc)))
+                else:
+                    stored.append(result.cluster)
+                timings = {**result.timings, "store": time.monotonic() - t}
+                results.append(_with_timings(result, timings))
+        status = "finished"
+    finally:
+        finished_at = datetime.now(UTC)
+        try:
+            store.finish_run(run_id, status=status, finished_at=finished_at)
+        except StoreError as exc:
+            log.error("scan run %s could not be closed: %s", run_id, exc)
+    return ScanOutcome(scan_id=run_id, started_at=started_at, finished_at=finished_at,
+                       clusters=tuple(results), stored=tuple(stored),
+                       store_errors=tuple(store_errors))
+
+
+def _with_timings(result: ClusterResult, timings: dict[str, float]) -> ClusterResult:
+    from dataclasses import replace
+
+    return replace(result, timings=timings)

@@ -1,0 +1,258 @@
+"""Writes scan results to the database and manages its schema (Alembic).
+
+The only module that opens SQLAlchemy sessions. Each cluster's result is written in one
+transaction: a failure leaves nothing of that cluster behind and the other clusters unaffected.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from scanner import __version__
+from scanner.db import ClusterScan, FindingRow, NodeProbe, ScanRun, make_engine, normalise_url
+from scanner.errors import SchemaMismatch, StoreError
+from scanner.records import ClusterResult, Declared
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+_PG_MIGRATION_LOCK = 0x46454C49  # "FELI": one key for every felixscan process on the server
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    # ConfigParser would read % as interpolation; URLs can hold percent-escapes.
+    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return cfg
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and reports."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}" if ":" in creds else url
+
+
+class Store:
+    """The results database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = make_engine(url)
+        except (SQLAlchemyError, ValueError, ImportError) as exc:
+            raise StoreError(f"cannot use database {redact_url(url)}: {exc}") from exc
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- schema ----------------------------------------------------------------------------
+
+    def head(self) -> str:
+        head = ScriptDirectory.from_config(alembic_config(self.url)).get_current_head()
+        assert head is not None
+        return head
+
+    def current(self) -> str | None:
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except (OperationalError, DBAPIError) as exc:
+            raise StoreError(f"cannot reach database {redact_url(self.url)}: "
+                             f"{_db_reason(exc)}") from exc
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Upgrade to head; safe when several processes do it at once. Returns (from, to)."""
+        script = ScriptDirectory.from_config(alembic_config(self.url))
+        try:
+            with self.engine.connect() as conn, self._migration_lock(conn):
+                before = MigrationContext.configure(conn).get_current_revision()
+                if before is not None and before not in {s.revision for s in
+                                                         script.walk_revisions()}:
+                    raise SchemaMismatch(
+                        f"database {redact_url(self.url)} is at revision {before}, which this "
+                        f"felixscan ({__version__}) does not know: it was written by a newer "
+                        "version. Upgrade felixscan; nothing was changed.")
+                cfg = alembic_config(self.url)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                conn.commit()
+                after = MigrationContext.configure(conn).get_current_revision()
+        except (OperationalError, DBAPIError) as exc:
+            raise StoreError(f"cannot migrate database {redact_url(self.url)}: "
+                             f"{_db_reason(exc)}") from exc
+        return before, after or ""
+
+    @contextmanager
+    def _migration_lock(self, conn: Connection) -> Iterator[None]:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                conn.commit()
+        else:
+            # SQLite has one writer at a time; the busy timeout makes a second migrator wait.
+            yield
+
+    def ensure_schema(self) -> None:
+        """Create or upgrade the schema when the database is older; refuse a newer one."""
+        current = self.current()
+        if current == self.head():
+            return
+        self.upgrade()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as session:
+            try:
+                yield session
+                session.commit()
+            except (OperationalError, DBAPIError) as exc:
+                session.rollback()
+                raise StoreError(f"database write failed ({redact_url(self.url)}): "
+                                 f"{_db_reason(exc)}") from exc
+            except BaseException:
+                session.rollback()
+                raise
+
+    def begin_run(self, *, trigger: str, started_at: datetime | None = None) -> int:
+        with self.session() as s:
+            run = ScanRun(started_at=started_at or datetime.now(UTC), finished_at=None,
+                          status="running", trigger=trigger, tool_version=__version__,
+                          scanner_host=socket.gethostname())
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def finish_run(self, run_id: int, *, status: str = "finished",
+                   finished_at: datetime | None = None) -> None:
+        with self.session() as s:
+            s.execute(update(ScanRun).where(ScanRun.id == run_id).values(
+                status=status, finished_at=finished_at or datetime.now(UTC)))
+
+    def save_cluster(self, run_id: int, result: ClusterResult) -> int:
+        """Write one cluster's whole result in one transaction; returns its cluster_scans id."""
+        with self.session() as s:
+            row = ClusterScan(
+                run_id=run_id, cluster=result.cluster, started_at=result.started_at,
+                finished_at=result.finished_at, status=result.status, install=result.install,
+                declared_enabled=result.declared.enabled if result.declared else None,
+                declared_source=result.declared.source if result.declared else None,
+                declared_port=result.declared.port if result.declared else None,
+                error=result.error,
+                nodes_total=len(result.nodes),
+                nodes_pass=sum(1 for n in result.nodes if n.verdict == "pass"),
+                nodes_fail=sum(1 for n in result.nodes if n.verdict == "fail"),
+                nodes_unknown=sum(1 for n in result.nodes if n.verdict == "unknown"),
+                namespace=result.snapshot.namespace if result.snapshot else None,
+                daemonset=result.snapshot.daemonset if result.snapshot else None,
+                image=result.snapshot.image if result.snapshot else None,
+                snapshot=snapshot_summary(result),
+                timings={k: round(v, 4) for k, v in result.timings.items()},
+            )
+            s.add(row)
+            s.flush()
+            ready = {n.name: n.ready for n in result.snapshot.nodes} if result.snapshot else {}
+            probes = [_probe_row(row.id, n.node, n.declared, n.probe, n.verdict, n.pod_current,
+                                 ready.get(n.node)) for n in result.nodes]
+            if probes:
+                s.execute(insert(NodeProbe), probes)
+            findings = [{"cluster_scan_id": row.id, "finding_id": f.id, "severity": f.severity,
+                         "node": f.node, "message": f.message, "evidence": dict(f.evidence),
+                         "remediation": f.remediation} for f in result.findings]
+            if findings:
+                s.execute(insert(FindingRow), findings)
+            return row.id
+
+    # --- reading (small helpers; reports have their own queries) ---------------------------
+
+    def cluster_scans(self, run_id: int) -> list[ClusterScan]:
+        with self.sessions() as s:
+            return list(s.scalars(select(ClusterScan).where(ClusterScan.run_id == run_id)
+                                  .order_by(ClusterScan.cluster)))
+
+
+def _probe_row(cluster_scan_id: int, node: str, declared: Declared, probe: Any, verdict: str,
+               pod_current: bool | None, ready: bool | None) -> dict[str, Any]:
+    tls = probe.tls
+    return {
+        "cluster_scan_id": cluster_scan_id, "node": node, "address": probe.address,
+        "port": probe.port, "state": probe.state, "protocol": probe.protocol,
+        "felix": probe.felix, "http_status": probe.http_status, "verdict": verdict,
+        "declared_enabled": declared.enabled, "declared_source": declared.source,
+        "pod_current": pod_current, "node_ready": ready,
+        "tls_version": tls.version if tls else None, "tls_subject": tls.subject if tls else None,
+        "tls_issuer": tls.issuer if tls else None,
+        "tls_self_signed": tls.self_signed if tls else None,
+        "tls_not_after": tls.not_after if tls else None,
+        "tls_sha256": tls.sha256 if tls else None, "felix_host": probe.felix_host,
+        "error": probe.error, "connect_ms": probe.connect_ms, "duration_ms": probe.duration_ms,
+    }
+
+
+def snapshot_summary(result: ClusterResult) -> dict[str, Any]:
+    """The evidence of the snapshot worth keeping: never a Secret value, never credentials."""
+    snap = result.snapshot
+    if snap is None:
+        return {}
+    r = snap.rollout
+    return {
+        "namespace": snap.namespace, "daemonset": snap.daemonset, "container": snap.container,
+        "image": snap.image, "felix_crd": snap.felix_crd,
+        "rollout": {"generation": r.generation, "observed_generation": r.observed_generation,
+                    "desired": r.desired, "updated": r.updated, "ready": r.ready,
+                    "available": r.available, "current_revision": r.current_revision,
+                    "strategy": r.strategy, "max_unavailable": r.max_unavailable,
+                    "complete": r.complete},
+        "env": [{"name": e.name, "value": "<redacted>" if e.redacted else e.value,
+                 "origin": e.origin, "error": e.error} for e in snap.env],
+        "config_file": {"known": snap.config_file.known, "origin": snap.config_file.origin,
+                        "values": dict(snap.config_file.values)},
+        "felix_configurations": [
+            {"name": c.name, "prometheusMetricsEnabled": c.enabled,
+             "prometheusMetricsPort": c.port, "annotations": dict(c.annotations),
+             "nodeSelector": c.node_selector, "created": c.created}
+            for c in snap.felix_configs],
+        "installation": {"name": snap.installation.name,
+                         "nodeMetricsPort": snap.installation.node_metrics_port}
+        if snap.installation else None,
+        "pods": len(snap.pods), "nodes": len(snap.nodes),
+        "declared": {"enabled": result.declared.enabled, "source": result.declared.source,
+                     "port": result.declared.port, "port_source": result.declared.port_source,
+                     "tls": result.declared.tls, "reason": result.declared.reason}
+        if result.declared else None,
+    }
+
+
+def _db_reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    reason = str(orig or exc).strip().splitlines()
+    return reason[0] if reason else type(exc).__name__
