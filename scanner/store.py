@@ -135,7 +135,7 @@ class Store:
             try:
                 yield session
                 session.commit()
-            except (OperationalError, DBAPIError) as exc:
+            except SQLAlchemyError as exc:
                 session.rollback()
                 raise StoreError(f"database write failed ({redact_url(self.url)}): "
                                  f"{_db_reason(exc)}") from exc

@@ -1,0 +1,66 @@
+"""Shared fixtures: throwaway databases (SQLite file and PostgreSQL), real-cluster opt-in."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CALICO = FIXTURES / "calico"
+PG_ADMIN = os.environ.get("FELIXSCAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--real-cluster", action="store_true", default=False,
+                     help="also run tests marked realcluster against the cluster of $KUBECONFIG")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--real-cluster"):
+        return
+    skip = pytest.mark.skip(reason="needs --real-cluster and a KUBECONFIG")
+    for item in items:
+        if "realcluster" in item.keywords:
+            item.add_marker(skip)
+
+
+def calico_daemonset(version: str = "v3.32.1") -> Path:
+    return CALICO / f"{version}-calico-daemonset-calico-node.yaml"
+
+
+CALICO_VERSIONS = sorted(p.name.split("-", 1)[0] for p in CALICO.glob("*-calico-daemonset-*.yaml"))
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards."""
+    import psycopg
+
+    name = f"felixscan_t_{uuid.uuid4().hex[:12]}"
+    admin = PG_ADMIN.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin.rsplit("/", 1)[0]
+    try:
+        yield f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'felixscan.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test that takes it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'felixscan.db'}"
+    else:
+        yield request.getfixturevalue("pg_url")
