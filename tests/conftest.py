@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "realcluster" in item.keywords:
             item.add_marker(skip)
-
-
-def calico_daemonset(version: str = "v3.32.1") -> Path:
-    return CALICO / f"{version}-calico-daemonset-calico-node.yaml"
-
-
-CALICO_VERSIONS = sorted(p.name.split("-", 1)[0] for p in CALICO.glob("*-calico-daemonset-*.yaml"))
 
 
 @pytest.fixture
@@ -64,3 +58,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'felixscan.db'}"
     else:
         yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Any]:
+    """Emulated clusters and node listeners for end-to-end scans (see scan_harness.py)."""
+    from scan_harness import Harness
+
+    h = Harness(tmp_path)
+    try:
+        yield h
+    finally:
+        h.close()
