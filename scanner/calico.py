@@ -244,7 +244,8 @@ class SelectorError(ValueError):
                          f"{message}")
 
 
-def _selector_config(configs: Iterable[FelixConfig], node: Node) -> FelixConfig | SelectorError | None:
+def _selector_config(configs: Iterable[FelixConfig],
+                     node: Node) -> FelixConfig | SelectorError | None:
     """The selector-scoped FelixConfiguration that applies to `node`.
 
     Felix takes the oldest (by creation time) when several match; names break ties so the
@@ -318,7 +319,7 @@ class Selector:
         while self._peek() == "||":
             self._take()
             right = self._and()
-            left = (lambda a, b: lambda lb: a(lb) or b(lb))(left, right)
+            left = _either(left, right)
         return left
 
     def _and(self) -> Callable[[Mapping[str, str]], bool]:
@@ -326,7 +327,7 @@ class Selector:
         while self._peek() == "&&":
             self._take()
             right = self._unary()
-            left = (lambda a, b: lambda lb: a(lb) and b(lb))(left, right)
+            left = _both(left, right)
         return left
 
     def _unary(self) -> Callable[[Mapping[str, str]], bool]:
@@ -398,3 +399,14 @@ class Selector:
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         return self.tree(labels)
+
+
+_Test = Callable[[Mapping[str, str]], bool]
+
+
+def _either(a: _Test, b: _Test) -> _Test:
+    return lambda labels: a(labels) or b(labels)
+
+
+def _both(a: _Test, b: _Test) -> _Test:
+    return lambda labels: a(labels) and b(labels)

@@ -33,8 +33,8 @@ from scanner.records import (
     ConfigFile,
     EnvVar,
     FelixConfig,
-    Installation,
     Install,
+    Installation,
     Node,
     Pod,
     Rollout,
@@ -219,9 +219,10 @@ def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
     configuration = k8s_client.Configuration()
     try:
         if settings.in_cluster:
-            k8s_config.load_incluster_config(client_configuration=configuration)
+            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration)
         else:
-            k8s_config.load_kube_config(
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
                 context=settings.context, client_configuration=configuration,
                 persist_config=False)
@@ -446,7 +447,8 @@ def _value_from(objects: _Objects, env_name: str, param: str, spec: Any) -> EnvV
         if data is None or key not in data:
             if ref.get("optional"):
                 return EnvVar(name=env_name, value=None, origin=origin)  # unset: dropped
-            missing = f"{what} {ns}/{name}" if data is None else f"key {key!r} in {what} {ns}/{name}"
+            missing = (f"{what} {ns}/{name}" if data is None
+                       else f"key {key!r} in {what} {ns}/{name}")
             return EnvVar(name=env_name, value=None, origin=origin,
                           error=f"{missing} does not exist or is not readable by the scanner")
         if what == "secret":
@@ -479,9 +481,9 @@ def _config_file(api: Api, namespace: str, container: Mapping[str, Any],
     mount = None
     for m in container.get("volumeMounts") or []:
         path = str(m.get("mountPath", "")).rstrip("/")
-        if path and (CONFIG_FILE == path or CONFIG_FILE.startswith(path + "/")):
-            if mount is None or len(path) > len(str(mount.get("mountPath"))):
-                mount = m
+        covers = bool(path) and (path == CONFIG_FILE or CONFIG_FILE.startswith(path + "/"))
+        if covers and (mount is None or len(path) > len(str(mount.get("mountPath")))):
+            mount = m
     if mount is None:
         return ConfigFile(known=True, values={}, origin="image default, sets no Prometheus keys")
     volume = next((v for v in pod_spec.get("volumes") or [] if v.get("name") == mount.get("name")),

@@ -222,7 +222,8 @@ class _Reader:
 
     def integer(self, value: object, key: str, *, low: int, high: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected a whole number from {low} to {high}, got {_kind(value)}")
+            raise self.fail(key,
+                            f"expected a whole number from {low} to {high}, got {_kind(value)}")
         if not low <= value <= high:
             raise self.fail(key, f"expected a whole number from {low} to {high}, got {value}")
         return value
@@ -250,7 +251,8 @@ class _Reader:
             if cluster.name in seen:
                 raise self.fail(
                     f"clusters[{i}].name",
-                    f"duplicate cluster name {cluster.name!r} (also clusters[{seen[cluster.name]}]);"
+                    f"duplicate cluster name {cluster.name!r} "
+                    f"(also clusters[{seen[cluster.name]}]);"
                     " expected every name to be unique",
                 )
             seen[cluster.name] = i
@@ -334,7 +336,8 @@ class _Reader:
                             f"expected one of {', '.join(ADDRESS_TYPES)}, got {address_type!r}")
         ports_raw = item.get("extra_ports", [])
         if not isinstance(ports_raw, list):
-            raise self.fail(f"{key}.extra_ports", f"expected a list of ports, got {_kind(ports_raw)}")
+            raise self.fail(f"{key}.extra_ports",
+                            f"expected a list of ports, got {_kind(ports_raw)}")
         ports = tuple(self.integer(p, f"{key}.extra_ports[{i}]", low=1, high=65535)
                       for i, p in enumerate(ports_raw))
         return ProbeConfig(

@@ -26,7 +26,8 @@ _MANIFEST_FIX = (
 )
 _OPERATOR_FIX = (
     "Remove `spec.nodeMetricsPort` from the operator Installation `default` (`kubectl patch "
-    "installation default --type=json -p '[{{\"op\":\"remove\",\"path\":\"/spec/nodeMetricsPort\"}}]'`)"
+    "installation default --type=json "
+    "-p '[{{\"op\":\"remove\",\"path\":\"/spec/nodeMetricsPort\"}}]'`)"
     " and set `prometheusMetricsEnabled: false` in FelixConfiguration `default`; an env edit on "
     "the DaemonSet would be reverted by the operator. Then scan again."
 )

@@ -33,7 +33,8 @@ class EnvVar:
 
     name: str
     value: str | None
-    origin: str  # "literal", "configmap ns/name[key]", "secret ns/name[key]", "envFrom configmap ns/name"
+    # "literal", "configmap ns/name[key]", "secret ns/name[key]", "envFrom configmap ns/name[key]"
+    origin: str
     redacted: bool = False
     error: str | None = None  # set when the value could not be resolved; `value` is then None
 
@@ -129,7 +130,7 @@ class ClusterSnapshot:
     env: tuple[EnvVar, ...]
     config_file: ConfigFile
     felix_configs: tuple[FelixConfig, ...]
-    felix_crd: bool  # False when the FelixConfiguration API is not served (normal without Calico CRDs)
+    felix_crd: bool  # False when the FelixConfiguration API is not served (normal: no Calico CRDs)
     installation: Installation | None
     rollout: Rollout
     pods: tuple[Pod, ...]

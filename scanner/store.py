@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scanner import __version__
 from scanner.db import ClusterScan, FindingRow, NodeProbe, ScanRun, make_engine, normalise_url
 from scanner.errors import SchemaMismatch, StoreError
-from scanner.records import ClusterResult, Declared
+from scanner.records import ClusterResult, NodeResult
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 _PG_MIGRATION_LOCK = 0x46454C49  # "FELI": one key for every felixscan process on the server
@@ -181,8 +181,7 @@ class Store:
             s.add(row)
             s.flush()
             ready = {n.name: n.ready for n in result.snapshot.nodes} if result.snapshot else {}
-            probes = [_probe_row(row.id, n.node, n.declared, n.probe, n.verdict, n.pod_current,
-                                 ready.get(n.node)) for n in result.nodes]
+            probes = [_probe_row(row.id, n, ready.get(n.node)) for n in result.nodes]
             if probes:
                 s.execute(insert(NodeProbe), probes)
             findings = [{"cluster_scan_id": row.id, "finding_id": f.id, "severity": f.severity,
@@ -200,15 +199,15 @@ class Store:
                                   .order_by(ClusterScan.cluster)))
 
 
-def _probe_row(cluster_scan_id: int, node: str, declared: Declared, probe: Any, verdict: str,
-               pod_current: bool | None, ready: bool | None) -> dict[str, Any]:
+def _probe_row(cluster_scan_id: int, node: NodeResult, ready: bool | None) -> dict[str, Any]:
+    declared, probe = node.declared, node.probe
     tls = probe.tls
     return {
-        "cluster_scan_id": cluster_scan_id, "node": node, "address": probe.address,
+        "cluster_scan_id": cluster_scan_id, "node": node.node, "address": probe.address,
         "port": probe.port, "state": probe.state, "protocol": probe.protocol,
-        "felix": probe.felix, "http_status": probe.http_status, "verdict": verdict,
+        "felix": probe.felix, "http_status": probe.http_status, "verdict": node.verdict,
         "declared_enabled": declared.enabled, "declared_source": declared.source,
-        "pod_current": pod_current, "node_ready": ready,
+        "pod_current": node.pod_current, "node_ready": ready,
         "tls_version": tls.version if tls else None, "tls_subject": tls.subject if tls else None,
         "tls_issuer": tls.issuer if tls else None,
         "tls_self_signed": tls.self_signed if tls else None,

@@ -87,7 +87,8 @@ class Harness:
             node_name = node.name or f"{name}-node-{i}"
             address = next_address()
             self.addresses[(name, node_name)] = address
-            specs.append(NodeSpec(name=node_name, address=None if node.kind == "noaddr" else address,
+            specs.append(NodeSpec(name=node_name,
+                                  address=None if node.kind == "noaddr" else address,
                                   ready=node.ready, labels=dict(node.labels),
                                   pod_revision=node.pod))  # type: ignore[arg-type]
             if node.kind not in ("closed", "noaddr"):

@@ -16,7 +16,15 @@ from scanner.calico import (
     resolve,
     resolve_nodes,
 )
-from scanner.records import ClusterSnapshot, ConfigFile, EnvVar, FelixConfig, Installation, Node, Rollout
+from scanner.records import (
+    ClusterSnapshot,
+    ConfigFile,
+    EnvVar,
+    FelixConfig,
+    Installation,
+    Node,
+    Rollout,
+)
 
 NODES = (
     Node(name="w1", addresses=(("InternalIP", "127.0.0.1"),), ready=True,

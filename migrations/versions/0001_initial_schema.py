@@ -1,14 +1,13 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-27
 """
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
 
 revision: str = '0001'
 down_revision: str | None = None
@@ -17,7 +16,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    
+
     op.create_table('scan_runs',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
@@ -108,11 +107,11 @@ def upgrade() -> None:
         batch_op.create_index('ix_node_probes_cluster_scan_id', ['cluster_scan_id'], unique=False)
         batch_op.create_index('ix_node_probes_node', ['node'], unique=False)
 
-    
+
 
 
 def downgrade() -> None:
-    
+
     with op.batch_alter_table('node_probes', schema=None) as batch_op:
         batch_op.drop_index('ix_node_probes_node')
         batch_op.drop_index('ix_node_probes_cluster_scan_id')
@@ -133,4 +132,4 @@ def downgrade() -> None:
         batch_op.drop_index('ix_scan_runs_started_at')
 
     op.drop_table('scan_runs')
-    
+
