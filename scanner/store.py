@@ -139,6 +139,11 @@ class Store:
                 session.rollback()
                 raise StoreError(f"database write failed ({redact_url(self.url)}): "
                                  f"{_db_reason(exc)}") from exc
+            except (TypeError, ValueError) as exc:
+                # A value the driver cannot encode (psycopg raises these unwrapped).
+                session.rollback()
+                raise StoreError(f"database write failed ({redact_url(self.url)}): "
+                                 f"a value cannot be stored: {exc}") from exc
             except BaseException:
                 session.rollback()
                 raise
