@@ -12,11 +12,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
 from typing import Any
 
 from scanner import __version__
 from scanner.config import Settings, load_settings
-from scanner.errors import ConfigError, FelixscanError, StoreError
+from scanner.errors import ConfigError, FelixscanError, ReportError, StoreError
 from scanner.records import ClusterResult
 
 EXIT_OK, EXIT_NON_COMPLIANT, EXIT_USAGE, EXIT_CLUSTER_ERROR, EXIT_STORE = 0, 1, 2, 3, 4
@@ -47,6 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
                       help="scan only this configured cluster (repeatable)")
     scan.add_argument("--json", action="store_true", help="print one JSON document")
 
+    report = sub.add_parser(
+        "report", help="render an HTML or PDF report from the database (or verify a PDF)",
+        description="Render a compliance report from the results database; no cluster access "
+        "is needed. `felixscan report verify FILE.pdf` recomputes the integrity hash from the "
+        "data embedded in a PDF report: exit 0 when it matches, 1 when it does not.")
+    report.add_argument("action", nargs="*", metavar="verify FILE.pdf",
+                        help="verify a PDF report instead of rendering one")
+    report.add_argument("--format", choices=("pdf", "html"), default="pdf")
+    report.add_argument("--out", metavar="FILE", help="where to write the report")
+    report.add_argument("--db", metavar="URL", help="database URL (default: $FELIXSCAN_DB, "
+                        "else the config file, else sqlite:///felixscan.db)")
+    report.add_argument("--config", metavar="FILE", help="YAML configuration file (for its "
+                        "database URL)")
+    report.add_argument("--cluster", action="append", default=[], metavar="NAME",
+                        help="only this cluster (repeatable)")
+    report.add_argument("--since", type=_date, metavar="YYYY-MM-DD",
+                        help="first day of the period (UTC; default: the first scan)")
+    report.add_argument("--until", type=_date, metavar="YYYY-MM-DD",
+                        help="last day of the period (UTC; default: today)")
+    report.add_argument("--pdf-variant", metavar="VARIANT",
+                        help="a PDF/A or PDF/UA variant for archives, e.g. pdf/a-3b")
+
+    demo = sub.add_parser("demo", help="scan an emulated fleet and write demo reports",
+                          description="A first look without a cluster: start an emulated fleet "
+                          "on 127.0.0.x, replay a week of nightly scans into a fresh SQLite "
+                          "database, and write demo-report.html and demo-report.pdf.")
+    demo.add_argument("--out-dir", default=".", metavar="DIR",
+                      help="where to write the database and the reports (default: here)")
+    demo.add_argument("--days", type=int, default=7, help="nights to replay (at least 5)")
+
     db = sub.add_parser("db", help="manage the results database",
                         description="Manage the results database schema.")
     db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
@@ -55,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = db_sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _common(p)
     return parser
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -74,12 +113,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_scan(args)
         if args.command == "db":
             return cmd_db(args)
+        if args.command == "report":
+            return cmd_report(args, parser)
+        if args.command == "demo":
+            return cmd_demo(args)
     except ConfigError as exc:
         print(f"felixscan: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StoreError as exc:
         print(f"felixscan: database error: {exc}", file=sys.stderr)
         return EXIT_STORE
+    except ReportError as exc:
+        print(f"felixscan: report error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except FelixscanError as exc:
         print(f"felixscan: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -171,6 +217,44 @@ def cmd_db(args: argparse.Namespace) -> int:
                       f"to {after}")
         else:
             print(store.current() or "empty (run `felixscan db upgrade`)")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.action:
+        if len(args.action) != 2 or args.action[0] != "verify":
+            parser.error("report takes no positional arguments except `verify FILE.pdf`")
+        from reports import verify_pdf
+
+        result = verify_pdf(args.action[1])
+        print(f"{args.action[1]}: {'OK' if result.matched else 'MISMATCH'}: {result.reason}")
+        if result.expected:
+            print(f"  recorded SHA-256   {result.expected}")
+        if result.actual:
+            print(f"  recomputed SHA-256 {result.actual}")
+        return EXIT_OK if result.matched else EXIT_NON_COMPLIANT
+    if not args.out:
+        parser.error("report needs --out FILE (or `report verify FILE.pdf`)")
+    from reports import build_report
+    from scanner.store import Store
+
+    with Store(_db_settings(args)) as store:
+        store.check_readable()
+        info = build_report(store, clusters=args.cluster, since=args.since, until=args.until,
+                            fmt=args.format, out=args.out, pdf_variant=args.pdf_variant)
+    print(f"wrote {info.path} ({info.format}, {info.size} bytes): "
+          f"{len(info.clusters)} cluster(s), {info.since} to {info.until}, "
+          f"{len(info.scan_ids)} scan(s); data SHA-256 {info.sha256}")
+    for name in info.not_scanned:
+        print(f"  note: {name} has no scan in the period")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from scanner.demo import run_demo
+
+    result = run_demo(Path(args.out_dir), days=args.days)
+    print(f"\nDatabase: {result.database}\nHTML report: {result.html}\nPDF report: {result.pdf}")
     return EXIT_OK
 
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from scanner import __version__
@@ -27,6 +27,11 @@ from scanner.store import Store
 log = logging.getLogger(__name__)
 
 Collector = Callable[[ClusterSettings], ClusterSnapshot]
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +60,17 @@ def probe_settings(cluster: ClusterSettings) -> ProbeSettings:
                          user_agent=f"felixscan/{__version__}")
 
 
-def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect) -> ClusterResult:
+def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
+                 clock: Clock = utcnow) -> ClusterResult:
     """Collect, probe and evaluate one cluster; never raises for the cluster's own faults."""
-    started_at = datetime.now(UTC)
+    started_at = clock()
     t0 = time.monotonic()
     try:
         snapshot = collector(cluster)
     except ClusterError as exc:
         log.warning("cluster %s: %s", cluster.name, exc)
         return failed_cluster(cluster.name, str(exc), kind=type(exc).__name__,
-                              started_at=started_at, finished_at=datetime.now(UTC),
+                              started_at=started_at, finished_at=clock(),
                               timings={"api": time.monotonic() - t0})
     t1 = time.monotonic()
     declared = resolve_nodes(snapshot)
@@ -74,15 +80,18 @@ def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect) ->
     t2 = time.monotonic()
     return evaluate(snapshot, declared, probes,
                     cluster_declared=cluster_declared(snapshot, declared),
-                    started_at=started_at, finished_at=datetime.now(UTC),
+                    started_at=started_at, finished_at=clock(),
                     timings={"api": t1 - t0, "probe": t2 - t1})
 
 
 def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
-             collector: Collector = collect) -> ScanOutcome:
-    """Scan every configured cluster and store each result in its own transaction."""
+             collector: Collector = collect, clock: Clock = utcnow) -> ScanOutcome:
+    """Scan every configured cluster and store each result in its own transaction.
+
+    `clock` stamps the run and its results (the demo replays several days with it).
+    """
     store.ensure_schema()
-    started_at = datetime.now(UTC)
+    started_at = clock()
     run_id = store.begin_run(trigger=trigger, started_at=started_at)
     results: list[ClusterResult] = []
     stored: list[str] = []
@@ -91,7 +100,7 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
     try:
         workers = max(1, min(len(settings.clusters), 8))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster") as pool:
-            futures = [pool.submit(scan_cluster, c, collector=collector)
+            futures = [pool.submit(scan_cluster, c, collector=collector, clock=clock)
                        for c in settings.clusters]
             for future in futures:
                 result = future.result()
@@ -107,7 +116,7 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
                 results.append(_with_timings(result, timings))
         status = "finished"
     finally:
-        finished_at = datetime.now(UTC)
+        finished_at = clock()
         try:
             store.finish_run(run_id, status=status, finished_at=finished_at)
         except StoreError as exc:
@@ -118,6 +127,4 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
 
 
 def _with_timings(result: ClusterResult, timings: dict[str, float]) -> ClusterResult:
-    from dataclasses import replace
-
     return replace(result, timings=timings)

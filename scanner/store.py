@@ -120,6 +120,20 @@ class Store:
             # SQLite has one writer at a time; the busy timeout makes a second migrator wait.
             yield
 
+    def check_readable(self) -> None:
+        """For readers (reports, trends): the schema must be there and not newer than ours."""
+        path = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
+        if path and path != ":memory:" and not Path(path).exists():
+            raise StoreError(f"database {redact_url(self.url)} does not exist")
+        current = self.current()
+        if current is None:
+            raise SchemaMismatch(f"database {redact_url(self.url)} holds no felixscan data "
+                                 "(no schema); run a scan or `felixscan db upgrade` first")
+        script = ScriptDirectory.from_config(alembic_config(self.url))
+        if current not in {s.revision for s in script.walk_revisions()}:
+            raise SchemaMismatch(f"database {redact_url(self.url)} is at revision {current}, "
+                                 f"written by a newer felixscan; upgrade felixscan ({__version__})")
+
     def ensure_schema(self) -> None:
         """Create or upgrade the schema when the database is older; refuse a newer one."""
         current = self.current()

@@ -1,0 +1,159 @@
+"""`felixscan demo`: a first look without a cluster.
+
+Starts an emulated fleet on this machine (Kubernetes API servers on 127.0.0.1, node listeners on
+127.50.x.y), replays a week of nightly scans into a fresh SQLite database (one cluster is
+remediated, another regresses), and writes an HTML and a PDF report. Every scan is real: the
+real kubernetes client, real sockets, the same `run_scan` as `felixscan scan`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from scanner.config import ClusterSettings, ProbeConfig, Settings
+from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico_cluster
+from scanner.emulator.apiserver import write_kubeconfig
+from scanner.emulator.nodes import NodeFleet, address_for
+from scanner.scan import ScanOutcome, run_scan
+from scanner.store import Store
+
+DATA = Path(__file__).resolve().parent / "emulator" / "data"
+FELIX_API = "crd.projectcalico.org/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResult:
+    database: Path
+    html: Path
+    pdf: Path
+    scans: tuple[ScanOutcome, ...]
+
+
+@dataclass
+class _Cluster:
+    name: str
+    handle: ClusterHandle
+    addresses: dict[str, str]  # node name -> address
+
+
+class _Fleet:
+    """The emulated fleet: three clusters and their node listeners."""
+
+    def __init__(self, stack: ExitStack, workdir: Path) -> None:
+        self.nodes = NodeFleet()
+        stack.callback(self.nodes.stop)
+        self.nodes.start()
+        self.stack = stack
+        self.workdir = workdir
+        self.clusters: dict[str, _Cluster] = {}
+        self._next = 0
+
+    def add(self, name: str, *, count: int, version: str, kind: str, **build: object) -> _Cluster:
+        emu = KubeEmulator(tls=True)
+        self.stack.callback(emu.stop)
+        emu.start()
+        addresses: dict[str, str] = {}
+        specs = []
+        for i in range(count):
+            node = f"{name}-{'cp' if i == 0 else 'worker'}-{i}"
+            address = address_for(self._next, base="127.50.0.0")
+            self._next += 1
+            addresses[node] = address
+            specs.append(NodeSpec(name=node, address=address,
+                                  labels={"topology.kubernetes.io/zone": f"zone-{i % 3}"}))
+            if kind != "closed":
+                self.nodes.add(address, kind, node_name=node)
+        daemonset = DATA / f"{version}-calico-daemonset-calico-node.yaml"
+        handle = build_calico_cluster(emu, daemonset_yaml=daemonset, nodes=specs,
+                                      **build)  # type: ignore[arg-type]
+        cluster = _Cluster(name=name, handle=handle, addresses=addresses)
+        self.clusters[name] = cluster
+        return cluster
+
+    def settings(self, database: str) -> Settings:
+        kubeconfig = write_kubeconfig(self.workdir / "demo-kubeconfig",
+                                      {name: c.handle.emu for name, c in self.clusters.items()})
+        probe = ProbeConfig(timeout_seconds=0.5, tls_timeout_seconds=2, http_timeout_seconds=3)
+        return Settings(database=database, clusters=tuple(
+            ClusterSettings(name=name, kubeconfig=kubeconfig, context=name, probe=probe,
+                            api_timeout_seconds=5, deadline_seconds=60)
+            for name in self.clusters))
+
+
+def _day_clock(base: datetime) -> Callable[[], datetime]:
+    """Stamps a replayed night: the night's date, with the real seconds that pass during it."""
+    start = time.monotonic()
+    return lambda: base + timedelta(seconds=time.monotonic() - start)
+
+
+@contextmanager
+def _fresh_database(path: Path) -> Iterator[str]:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    yield f"sqlite:///{path}"
+
+
+def run_demo(out_dir: Path, *, days: int = 7, echo: Callable[[str], None] = print,
+             today: datetime | None = None) -> DemoResult:
+    """Replay `days` nightly scans of the emulated fleet and write the reports into `out_dir`."""
+    from reports import build_report
+
+    days = max(days, 5)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    today = (today or datetime.now(UTC)).replace(hour=2, minute=0, second=0, microsecond=0)
+    first = today - timedelta(days=days - 1)
+    fix_day, done_day, regress_day = days - 4, days - 3, days - 2
+    outcomes: list[ScanOutcome] = []
+    with ExitStack() as stack, _fresh_database(out_dir / "felixscan-demo.db") as db:
+        fleet = _Fleet(stack, Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        echo("Starting an emulated fleet: 3 clusters, 26 nodes on 127.50.0.x ...")
+        east = fleet.add("prod-east", count=12, version="v3.32.1", kind="felix-tls",
+                         env={"FELIX_PROMETHEUSMETRICSENABLED": "true"})
+        west = fleet.add("prod-west", count=8, version="v3.32.1", kind="closed",
+                         install="operator")
+        fleet.add("staging", count=6, version="v3.30.7", kind="closed")
+        settings = fleet.settings(db)
+        store = stack.enter_context(Store(db))
+        for day in range(days):
+            when = first + timedelta(days=day)
+            if day == fix_day:
+                echo("  prod-east: FELIX_PROMETHEUSMETRICSENABLED=false set on the DaemonSet; "
+                     "the rollout reaches 9 of 12 nodes tonight")
+                east.handle.update_env({"FELIX_PROMETHEUSMETRICSENABLED": "false"})
+                for node in list(east.addresses)[:9]:
+                    _restart_without_metrics(fleet, east, node)
+            elif day == done_day:
+                echo("  prod-east: the rollout completes")
+                for node in list(east.addresses)[9:]:
+                    _restart_without_metrics(fleet, east, node)
+            elif day == regress_day:
+                echo("  prod-west: someone sets prometheusMetricsEnabled: true in "
+                     "FelixConfiguration default; Felix restarts with metrics on")
+                west.handle.emu.patch_object(FELIX_API, "FelixConfiguration", "default",
+                                             {"spec": {"prometheusMetricsEnabled": True}})
+                for node, address in west.addresses.items():
+                    fleet.nodes.add(address, "felix-http", node_name=node)
+            outcome = run_scan(settings, store=store, trigger="demo", clock=_day_clock(when))
+            outcomes.append(outcome)
+            statuses = ", ".join(f"{c.cluster} {c.status.upper().replace('_', '-')}"
+                                 for c in outcome.clusters)
+            echo(f"{when:%Y-%m-%d} scan {outcome.scan_id}: {statuses}")
+        html = build_report(store, fmt="html", out=out_dir / "demo-report.html",
+                            since=first.date(), until=today.date(), now=today)
+        pdf = build_report(store, fmt="pdf", out=out_dir / "demo-report.pdf",
+                           since=first.date(), until=today.date(), now=today)
+        echo(f"Report data SHA-256 {pdf.sha256}")
+    return DemoResult(database=out_dir / "felixscan-demo.db", html=html.path, pdf=pdf.path,
+                      scans=tuple(outcomes))
+
+
+def _restart_without_metrics(fleet: _Fleet, cluster: _Cluster, node: str) -> None:
+    """The DaemonSet controller replaces the node's pod; the new Felix serves no metrics."""
+    cluster.handle.roll_pod(node)
+    fleet.nodes.close_node(cluster.addresses[node])
