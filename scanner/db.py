@@ -6,13 +6,14 @@ these models and the migrations drift apart.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Dialect,
     Engine,
@@ -111,6 +112,7 @@ class ClusterScan(Base):
     # Rollout counts, env and FelixConfiguration facts, probe settings: evidence for reports.
     snapshot: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    pruned_at: Mapped[datetime | None]  # when retention removed its node probes
 
     run: Mapped[ScanRun] = relationship(back_populates="clusters")
     probes: Mapped[list[NodeProbe]] = relationship(back_populates="cluster_scan",
@@ -185,6 +187,105 @@ class FindingRow(Base):
         Index("ix_findings_cluster_scan_id", "cluster_scan_id"),
         Index("ix_findings_finding_id", "finding_id"),
     )
+
+
+class DailyClusterSummary(Base):
+    """The rollup written with every cluster scan: one row per cluster and UTC day.
+
+    The day's last scan decides its figures; trend queries read only this table, so they cost
+    O(clusters x days), never O(probes).
+    """
+
+    __tablename__ = "daily_cluster_summary"
+
+    cluster: Mapped[str] = mapped_column(String(255), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    scans: Mapped[int] = mapped_column(Integer)  # cluster scans that day
+    last_cluster_scan_id: Mapped[int] = mapped_column(Integer)
+    last_started_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16))
+    nodes: Mapped[int] = mapped_column(Integer)
+    passing: Mapped[int] = mapped_column(Integer)
+    failing: Mapped[int] = mapped_column(Integer)
+    unknown: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_daily_cluster_summary_day", "day"),)
+
+
+class NodeState(Base):
+    """Each node's current verdict and since when, kept at write time for streak queries."""
+
+    __tablename__ = "node_states"
+
+    cluster: Mapped[str] = mapped_column(String(255), primary_key=True)
+    node: Mapped[str] = mapped_column(String(253), primary_key=True)
+    verdict: Mapped[str] = mapped_column(String(8))
+    since: Mapped[datetime]  # the first scan of the current run of this verdict
+    streak_scans: Mapped[int] = mapped_column(Integer)  # consecutive scans with this verdict
+    first_seen: Mapped[datetime]
+    last_scan_at: Mapped[datetime]
+    last_cluster_scan_id: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_node_states_cluster_verdict", "cluster", "verdict"),)
+
+
+class StoredReport(Base):
+    """A report felixscan rendered; retention keeps every scan a stored report refers to."""
+
+    __tablename__ = "stored_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime]
+    format: Mapped[str] = mapped_column(String(8))
+    sha256: Mapped[str] = mapped_column(String(64))
+    location: Mapped[str | None] = mapped_column(Text)
+    clusters: Mapped[list[str]] = mapped_column(JSON)
+    since: Mapped[date] = mapped_column(Date)
+    until: Mapped[date] = mapped_column(Date)
+    scan_ids: Mapped[list[int]] = mapped_column(JSON)  # scan_runs ids the report draws on
+    keep: Mapped[bool] = mapped_column(Boolean, default=True)
+
+    __table_args__ = (Index("ix_stored_reports_sha256", "sha256"),)
+
+
+class RemediationAction(Base):
+    """One remediation, planned or applied, with what it changed and how it ended."""
+
+    __tablename__ = "remediation_actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    trigger: Mapped[str] = mapped_column(String(64))  # "cli:<user>@<host>", "serve:auto", ...
+    install: Mapped[str] = mapped_column(String(16))
+    mode: Mapped[str] = mapped_column(String(16))  # apply, rollback
+    # planned, applying, rolling_out, verifying, succeeded, failed, refused, rolled_back
+    outcome: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str | None] = mapped_column(Text)
+    # [{apiVersion, kind, namespace, name, patch_type, patch, before, after, resourceVersion}]
+    objects: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    verify_run_id: Mapped[int | None] = mapped_column(ForeignKey("scan_runs.id",
+                                                                 ondelete="SET NULL"))
+    rollback_of: Mapped[int | None] = mapped_column(ForeignKey("remediation_actions.id",
+                                                               ondelete="SET NULL"))
+
+    __table_args__ = (Index("ix_remediation_actions_cluster_started_at", "cluster",
+                            "started_at"),)
+
+
+class Lease(Base):
+    """A named lease (e.g. `scan:prod-east`) for databases without advisory locks (SQLite).
+
+    A holder that crashed stops renewing; its lease expires and another process may take it.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
 
 
 def normalise_url(url: str) -> str:

@@ -17,12 +17,23 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, case, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from scanner import __version__
-from scanner.db import ClusterScan, FindingRow, NodeProbe, ScanRun, make_engine, normalise_url
+from scanner.db import (
+    ClusterScan,
+    DailyClusterSummary,
+    FindingRow,
+    NodeProbe,
+    NodeState,
+    ScanRun,
+    make_engine,
+    normalise_url,
+)
 from scanner.errors import SchemaMismatch, StoreError
 from scanner.records import ClusterResult, NodeResult
 
@@ -208,7 +219,52 @@ class Store:
                          "remediation": f.remediation} for f in result.findings]
             if findings:
                 s.execute(insert(FindingRow), findings)
+            self._roll_up(s, row, result)
             return row.id
+
+    def _roll_up(self, s: Session, row: ClusterScan, result: ClusterResult) -> None:
+        """Update the day's summary and every node's state, in the scan's own transaction.
+
+        Written as upserts whose conditions ignore a scan older than what is already there, so
+        scans stored out of order (a late agent) never roll a newer state back.
+        """
+        upsert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+        when = result.started_at
+        day = when.astimezone(UTC).date()
+        values = {"cluster": result.cluster, "day": day, "scans": 1,
+                  "last_cluster_scan_id": row.id, "last_started_at": when,
+                  "status": row.status, "nodes": row.nodes_total, "passing": row.nodes_pass,
+                  "failing": row.nodes_fail, "unknown": row.nodes_unknown}
+        stmt = upsert(DailyClusterSummary).values(values)
+        t = DailyClusterSummary.__table__.c
+        newer = stmt.excluded.last_started_at >= t.last_started_at
+        latest = {k: case((newer, getattr(stmt.excluded, k)), else_=getattr(t, k))
+                  for k in ("last_cluster_scan_id", "last_started_at", "status", "nodes",
+                            "passing", "failing", "unknown")}
+        s.execute(stmt.on_conflict_do_update(index_elements=["cluster", "day"],
+                                             set_={"scans": t.scans + 1, **latest}))
+        if not result.nodes:
+            return
+        n = NodeState.__table__.c
+        node_stmt = upsert(NodeState)
+        ex = node_stmt.excluded
+        newer_node = ex.last_scan_at >= n.last_scan_at
+        same = n.verdict == ex.verdict
+        node_stmt = node_stmt.on_conflict_do_update(
+            index_elements=["cluster", "node"],
+            set_={
+                "since": case((newer_node & ~same, ex.since), else_=n.since),
+                "streak_scans": case((newer_node & same, n.streak_scans + 1),
+                                     (newer_node, 1), else_=n.streak_scans),
+                "verdict": case((newer_node, ex.verdict), else_=n.verdict),
+                "last_scan_at": case((newer_node, ex.last_scan_at), else_=n.last_scan_at),
+                "last_cluster_scan_id": case((newer_node, ex.last_cluster_scan_id),
+                                             else_=n.last_cluster_scan_id),
+            })
+        s.execute(node_stmt, [
+            {"cluster": result.cluster, "node": nr.node, "verdict": nr.verdict, "since": when,
+             "streak_scans": 1, "first_seen": when, "last_scan_at": when,
+             "last_cluster_scan_id": row.id} for nr in result.nodes])
 
     # --- reading (small helpers; reports have their own queries) ---------------------------
 
