@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to write the database and the reports (default: here)")
     demo.add_argument("--days", type=int, default=7, help="nights to replay (at least 5)")
 
+    from scanner.commands import modules
+
+    for module in modules():
+        module.add_parser(sub, _common)
+
     db = sub.add_parser("db", help="manage the results database",
                         description="Manage the results database schema.")
     db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
@@ -109,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(args))
         if args.command == "scan":
             return cmd_scan(args)
         if args.command == "db":
