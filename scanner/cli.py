@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                        ("current", "print the schema revision of the database")):
         p = db_sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _common(p)
+    prune = db_sub.add_parser(
+        "prune", help="delete raw node probes older than N days (keeps rollups and reports)",
+        description="Delete node probes and node-level findings of scans that started more than "
+        "--keep-days days ago, in small batches. Daily rollups, cluster results and every scan "
+        "that a stored report refers to are kept. Nothing is deleted without --keep-days.")
+    _common(prune)
+    prune.add_argument("--keep-days", type=int, metavar="N", help="keep the last N days of probes")
+    prune.add_argument("--batch-size", type=int, default=5000, help="rows per transaction")
+    prune.add_argument("--dry-run", action="store_true", help="count what would be removed")
     return parser
 
 
@@ -140,6 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("felixscan: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`felixscan trend | head`): not an error of ours. Point stdout
+        # at /dev/null so the interpreter's final flush does not complain either.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 
@@ -215,6 +231,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     from scanner.store import Store, redact_url
 
     settings = _db_settings(args)
+    if args.db_command == "prune":
+        return _prune(args, settings)
     with Store(settings) as store:
         if args.db_command == "upgrade":
             before, after = store.upgrade()
@@ -250,6 +268,11 @@ def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         store.check_readable()
         info = build_report(store, clusters=args.cluster, since=args.since, until=args.until,
                             fmt=args.format, out=args.out, pdf_variant=args.pdf_variant)
+        from scanner.retention import record_report
+
+        record_report(store, fmt=info.format, sha256=info.sha256, location=str(info.path),
+                      clusters=info.clusters, since=info.since, until=info.until,
+                      scan_ids=info.scan_ids)
     print(f"wrote {info.path} ({info.format}, {info.size} bytes): "
           f"{len(info.clusters)} cluster(s), {info.since} to {info.until}, "
           f"{len(info.scan_ids)} scan(s); data SHA-256 {info.sha256}")
@@ -264,6 +287,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(Path(args.out_dir), days=args.days)
     print(f"\nDatabase: {result.database}\nHTML report: {result.html}\nPDF report: {result.pdf}")
     return EXIT_OK
+
+
+def _prune(args: argparse.Namespace, url: str) -> int:
+    from scanner.retention import prune
+    from scanner.store import Store
+
+    if args.keep_days is None:
+        print("felixscan db prune deletes nothing without --keep-days N", file=sys.stderr)
+        return EXIT_USAGE
+    if args.keep_days < 1 or args.batch_size < 1:
+        print("felixscan: --keep-days and --batch-size must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    with Store(url) as store:
+        store.check_readable()
+        result = prune(store, keep_days=args.keep_days, batch_size=args.batch_size,
+                       dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {result.probes} node probes and {result.findings} node findings of "
+          f"{result.scans} cluster scans before {result.cutoff:%Y-%m-%d %H:%M} UTC; kept "
+          f"{result.kept_for_reports} older scans that stored reports refer to; daily rollups "
+          "kept")
+    return EXIT_OK
+
+
+def database_url(args: argparse.Namespace) -> str:
+    """The database URL without requiring clusters: --db, $FELIXSCAN_DB, the file, the default."""
+    return _db_settings(args)
 
 
 def _db_settings(args: argparse.Namespace) -> str:

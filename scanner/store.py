@@ -6,6 +6,7 @@ transaction: a failure leaves nothing of that cluster behind and the other clust
 
 from __future__ import annotations
 
+import fcntl
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,8 +129,18 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
                 conn.commit()
         else:
-            # SQLite has one writer at a time; the busy timeout makes a second migrator wait.
-            yield
+            # pysqlite commits each DDL statement on its own, so two processes migrating one
+            # file could both see "no schema"; a file lock beside the database serialises them.
+            path = conn.engine.url.database
+            if not path or path == ":memory:":
+                yield
+                return
+            with open(f"{path}.migrate-lock", "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def check_readable(self) -> None:
         """For readers (reports, trends): the schema must be there and not newer than ours."""
@@ -144,6 +155,10 @@ class Store:
         if current not in {s.revision for s in script.walk_revisions()}:
             raise SchemaMismatch(f"database {redact_url(self.url)} is at revision {current}, "
                                  f"written by a newer felixscan; upgrade felixscan ({__version__})")
+        if current != script.get_current_head():
+            raise SchemaMismatch(f"database {redact_url(self.url)} is at revision {current}, "
+                                 f"older than this felixscan's {script.get_current_head()}; run "
+                                 "`felixscan db upgrade` (nothing was changed)")
 
     def ensure_schema(self) -> None:
         """Create or upgrade the schema when the database is older; refuse a newer one."""
@@ -172,6 +187,16 @@ class Store:
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for queries; database failures become StoreError with a clear reason."""
+        try:
+            with self.sessions() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database read failed ({redact_url(self.url)}): "
+                             f"{_db_reason(exc)}") from exc
 
     def begin_run(self, *, trigger: str, started_at: datetime | None = None) -> int:
         with self.session() as s:
