@@ -103,6 +103,7 @@ def run_demo(out_dir: Path, *, days: int = 7, echo: Callable[[str], None] = prin
              today: datetime | None = None) -> DemoResult:
     """Replay `days` nightly scans of the emulated fleet and write the reports into `out_dir`."""
     from reports import build_report
+    from scanner.retention import record_report
 
     days = max(days, 5)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,10 @@ def run_demo(out_dir: Path, *, days: int = 7, echo: Callable[[str], None] = prin
                             since=first.date(), until=today.date(), now=today)
         pdf = build_report(store, fmt="pdf", out=out_dir / "demo-report.pdf",
                            since=first.date(), until=today.date(), now=today)
+        for info in (html, pdf):
+            record_report(store, fmt=info.format, sha256=info.sha256, location=str(info.path),
+                          clusters=info.clusters, since=info.since, until=info.until,
+                          scan_ids=info.scan_ids, created_at=today)
         echo(f"Report data SHA-256 {pdf.sha256}")
     return DemoResult(database=out_dir / "felixscan-demo.db", html=html.path, pdf=pdf.path,
                       scans=tuple(outcomes))

@@ -237,3 +237,4 @@ class ClusterResult:
     finished_at: datetime
     snapshot: ClusterSnapshot | None
     timings: Mapping[str, float] = field(default_factory=dict)  # api / probe / store seconds
+    method: Mapping[str, object] = field(default_factory=dict)  # how it was probed, for reports

@@ -78,10 +78,16 @@ def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
                             extra_ports=cluster.probe.extra_ports)
     probes = probe_nodes(targets, probe_settings(cluster))
     t2 = time.monotonic()
-    return evaluate(snapshot, declared, probes,
-                    cluster_declared=cluster_declared(snapshot, declared),
-                    started_at=started_at, finished_at=clock(),
-                    timings={"api": t1 - t0, "probe": t2 - t1})
+    result = evaluate(snapshot, declared, probes,
+                      cluster_declared=cluster_declared(snapshot, declared),
+                      started_at=started_at, finished_at=clock(),
+                      timings={"api": t1 - t0, "probe": t2 - t1})
+    p = cluster.probe
+    return replace(result, method={
+        "address_type": p.address_type, "connect_timeout_s": p.timeout_seconds,
+        "tls_timeout_s": p.tls_timeout_seconds, "http_timeout_s": p.http_timeout_seconds,
+        "concurrency": p.concurrency, "extra_ports": list(p.extra_ports),
+        "targets": len(targets), "api_timeout_s": cluster.api_timeout_seconds})
 
 
 def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",

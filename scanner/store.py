@@ -31,6 +31,7 @@ from scanner.db import (
     FindingRow,
     NodeProbe,
     NodeState,
+    RemediationAction,
     ScanRun,
     make_engine,
     normalise_url,
@@ -298,6 +299,36 @@ class Store:
             return list(s.scalars(select(ClusterScan).where(ClusterScan.run_id == run_id)
                                   .order_by(ClusterScan.cluster)))
 
+    # --- remediation actions (scanner.remediate) -------------------------------------------
+
+    def add_remediation(self, **values: Any) -> int:
+        """Insert a remediation_actions row (columns as keywords); returns its id."""
+        with self.session() as s:
+            row = RemediationAction(**values)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def update_remediation(self, action_id: int, **values: Any) -> None:
+        """Update columns of one remediation_actions row, committed at once (a crash later
+        still leaves what was already changed in the cluster on record)."""
+        with self.session() as s:
+            s.execute(update(RemediationAction).where(RemediationAction.id == action_id)
+                      .values(**values))
+
+    def remediation(self, action_id: int) -> RemediationAction | None:
+        with self.sessions() as s:
+            return s.get(RemediationAction, action_id)
+
+    def remediations(self, cluster: str, *, limit: int = 50) -> list[RemediationAction]:
+        """The cluster's latest remediation actions, newest first."""
+        with self.sessions() as s:
+            return list(s.scalars(select(RemediationAction)
+                                  .where(RemediationAction.cluster == cluster)
+                                  .order_by(RemediationAction.started_at.desc(),
+                                            RemediationAction.id.desc())
+                                  .limit(limit)))
+
 
 def _probe_row(cluster_scan_id: int, node: NodeResult, ready: bool | None) -> dict[str, Any]:
     declared, probe = node.declared, node.probe
@@ -344,6 +375,7 @@ def snapshot_summary(result: ClusterResult) -> dict[str, Any]:
                          "nodeMetricsPort": snap.installation.node_metrics_port}
         if snap.installation else None,
         "pods": len(snap.pods), "nodes": len(snap.nodes),
+        "probe": dict(result.method),
         "declared": {"enabled": result.declared.enabled, "source": result.declared.source,
                      "port": result.declared.port, "port_source": result.declared.port_source,
                      "tls": result.declared.tls, "reason": result.declared.reason}

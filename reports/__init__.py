@@ -1,0 +1,28 @@
+"""Compliance reports from the results database: HTML and PDF from one set of templates.
+
+Public API::
+
+    build_report(store, clusters=, since=, until=, fmt=, out=, pdf_variant=) -> ReportInfo
+    render_html(data) -> str           render_pdf(html, attachment_json=, pdf_variant=) -> bytes
+    canonical_json(data) -> bytes      report_hash(data) -> str
+    verify_pdf(path) -> VerifyResult   pdf_variants() -> tuple[str, ...]
+
+Only `reports/` imports Jinja2 and WeasyPrint (WeasyPrint lazily, on the PDF path only).
+"""
+
+from reports.build import ReportInfo, build_report
+from reports.integrity import ATTACHMENT_NAME, VerifyResult, canonical_json, report_hash, verify_pdf
+from reports.render import pdf_variants, render_html, render_pdf
+
+__all__ = [
+    "ATTACHMENT_NAME",
+    "ReportInfo",
+    "VerifyResult",
+    "build_report",
+    "canonical_json",
+    "pdf_variants",
+    "render_html",
+    "render_pdf",
+    "report_hash",
+    "verify_pdf",
+]
