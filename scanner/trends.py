@@ -57,14 +57,19 @@ def trend(store: Store, *, clusters: Sequence[str] = (), days: int = 30,
     today = today or datetime.now(UTC).date()
     first = today - timedelta(days=max(days, 1) - 1)
     t = DailyClusterSummary
-    stmt = select(t).where(t.day >= first, t.day <= today).order_by(t.cluster, t.day)
+    # Plain columns, not ORM entities: a year of a fleet is thousands of rows, and building
+    # mapped objects for them would cost more than the query.
+    stmt = (select(t.cluster, t.day, t.nodes, t.passing, t.failing, t.unknown, t.status,
+                   t.scans)
+            .where(t.day >= first, t.day <= today).order_by(t.cluster, t.day))
     if clusters:
         stmt = stmt.where(t.cluster.in_(list(clusters)))
     with store.reading() as s:
-        return [TrendPoint(cluster=r.cluster, day=r.day, nodes=r.nodes, failing=r.failing,
-                           unknown=r.unknown, ratio=r.passing / r.nodes if r.nodes else None,
-                           status=r.status, scans=r.scans)
-                for r in s.scalars(stmt)]
+        return [TrendPoint(cluster=cluster, day=day, nodes=nodes, failing=failing,
+                           unknown=unknown, ratio=passing / nodes if nodes else None,
+                           status=status, scans=scans)
+                for cluster, day, nodes, passing, failing, unknown, status, scans
+                in s.execute(stmt)]
 
 
 def failing_streaks(store: Store, *, clusters: Sequence[str] = (), limit: int = 50,
@@ -77,7 +82,7 @@ def failing_streaks(store: Store, *, clusters: Sequence[str] = (), limit: int = 
                      .correlate(d).scalar_subquery())
               .subquery())
     verdicts = ["fail", "unknown"] if include_unknown else ["fail"]
-    stmt = (select(n)
+    stmt = (select(n.cluster, n.node, n.verdict, n.since, n.streak_scans, n.last_scan_at)
             .join(newest, and_(newest.c.cluster == n.cluster,
                                newest.c.scan_id == n.last_cluster_scan_id))
             .where(n.verdict.in_(verdicts))
@@ -88,4 +93,4 @@ def failing_streaks(store: Store, *, clusters: Sequence[str] = (), limit: int = 
     with store.reading() as s:
         return [Streak(cluster=r.cluster, node=r.node, verdict=r.verdict, since=r.since,
                        scans=r.streak_scans, last_scan_at=r.last_scan_at)
-                for r in s.scalars(stmt)]
+                for r in s.execute(stmt)]

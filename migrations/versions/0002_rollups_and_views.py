@@ -100,6 +100,10 @@ def upgrade() -> None:
 
 
 
+    with op.batch_alter_table("node_probes") as batch_op:
+        batch_op.drop_index("ix_node_probes_node")
+        batch_op.drop_index("ix_node_probes_cluster_scan_id")
+        batch_op.create_index("ix_node_probes_cluster_scan_id_node", ["cluster_scan_id", "node"])
     _backfill()
     for name, sql in VIEWS:
         op.execute(f"CREATE VIEW {name} AS {sql}")
@@ -182,6 +186,10 @@ def _backfill() -> None:
 def downgrade() -> None:
     for name, _sql in reversed(VIEWS):
         op.execute(f"DROP VIEW IF EXISTS {name}")
+    with op.batch_alter_table("node_probes") as batch_op:
+        batch_op.drop_index("ix_node_probes_cluster_scan_id_node")
+        batch_op.create_index("ix_node_probes_cluster_scan_id", ["cluster_scan_id"])
+        batch_op.create_index("ix_node_probes_node", ["node"])
 
     with op.batch_alter_table('cluster_scans', schema=None) as batch_op:
         batch_op.drop_column('pruned_at')
