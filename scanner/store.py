@@ -99,6 +99,7 @@ class Store:
     def upgrade(self) -> tuple[str | None, str]:
         """Upgrade to head; safe when several processes do it at once. Returns (from, to)."""
         script = ScriptDirectory.from_config(alembic_config(self.url))
+        before: str | None = None
         try:
             with self.engine.connect() as conn, self._migration_lock(conn):
                 before = MigrationContext.configure(conn).get_current_revision()
@@ -110,12 +111,23 @@ class Store:
                         "version. Upgrade felixscan; nothing was changed.")
                 cfg = alembic_config(self.url)
                 cfg.attributes["connection"] = conn
+                if conn.dialect.name == "sqlite":
+                    # pysqlite runs DDL outside any transaction, one statement at a time: open
+                    # one, so a migration that fails half-way is rolled back as on PostgreSQL.
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
                 command.upgrade(cfg, "head")
                 conn.commit()
                 after = MigrationContext.configure(conn).get_current_revision()
         except (OperationalError, DBAPIError) as exc:
             raise StoreError(f"cannot migrate database {redact_url(self.url)}: "
-                             f"{_db_reason(exc)}") from exc
+                             f"{_db_reason(exc)}; rolled back, the database stays at revision "
+                             f"{before or 'empty'}") from exc
+        except StoreError:
+            raise
+        except Exception as exc:  # a migration script's own error: wrapped, never swallowed
+            raise StoreError(f"cannot migrate database {redact_url(self.url)}: a migration "
+                             f"failed ({type(exc).__name__}: {exc}); rolled back, the database "
+                             f"stays at revision {before or 'empty'}") from exc
         return before, after or ""
 
     @contextmanager
@@ -131,12 +143,13 @@ class Store:
                 conn.commit()
         else:
             # pysqlite commits each DDL statement on its own, so two processes migrating one
-            # file could both see "no schema"; a file lock beside the database serialises them.
+            # file could both see "no schema"; an flock on the database file serialises them
+            # (SQLite's own locks are POSIX record locks, which flock does not interfere with).
             path = conn.engine.url.database
             if not path or path == ":memory:":
                 yield
                 return
-            with open(f"{path}.migrate-lock", "a+b") as handle:
+            with open(path, "a+b") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 try:
                     yield
