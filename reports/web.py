@@ -29,6 +29,7 @@ from markupsafe import Markup, escape
 from reports.charts import trend_chart
 from reports.integrity import canonical_json, report_hash
 from reports.render import render_html, render_pdf
+from scanner.errors import ConfigError
 from scanner.history import DayPoint, load_report
 from scanner.store import Store
 
@@ -119,13 +120,15 @@ def sparkline(points: Sequence[Any], *, since: date, until: date, width: int = 1
     runs: list[list[str]] = []
     previous: date | None = None
     for p in points:
-        if p.ratio is None:
+        ratio = p.ratio
+        if ratio is None:
             out.append(f'<rect x="{x(p.day) - max(slot / 2, 0.5):.1f}" y="{top}" '
                        f'width="{max(slot, 1.0):.1f}" height="{bottom - top}" fill="{ERROR}" '
                        'fill-opacity="0.5"/>')
             previous = None
             continue
-        point = f"{x(p.day):.1f},{y(p.ratio):.1f}"
+        px, py = x(p.day), y(ratio)
+        point = f"{px:.1f},{py:.1f}"
         if previous is not None and (p.day - previous).days == 1:
             run.append(point)
         else:
@@ -133,7 +136,7 @@ def sparkline(points: Sequence[Any], *, since: date, until: date, width: int = 1
             runs.append(run)
         previous = p.day
         if p.failing or p.unknown:
-            out.append(f'<circle cx="{x(p.day):.1f}" cy="{y(p.ratio):.1f}" r="1.6" '
+            out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="1.6" '
                        f'fill="{FAIL if p.failing else UNKNOWN}"/>')
     for line in runs:
         if len(line) > 1:
@@ -180,6 +183,12 @@ class ReportCache:
         self.directory = directory
         self.entries = entries
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+        # Files here are served as reports: nobody else may be able to put one there (a
+        # directory in a shared /tmp could have been made by another user first).
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ConfigError(f"{directory} must belong to this user and be writable by no one "
+                              "else", key="serve.report_cache_dir")
         self.parallel = parallel
         self._renders = threading.BoundedSemaphore(parallel)  # PDF layout is CPU and memory
         self._pool: ProcessPoolExecutor | None = None

@@ -21,6 +21,7 @@ from scanner.config import Settings, load_settings
 from scanner.errors import ConfigError, FelixscanError, ReportError, StoreError
 from scanner.records import ClusterResult
 
+LOCK_WAIT_SECONDS = 60.0  # how long `scan` waits for another process scanning the same cluster
 EXIT_OK, EXIT_NON_COMPLIANT, EXIT_USAGE, EXIT_CLUSTER_ERROR, EXIT_STORE = 0, 1, 2, 3, 4
 
 
@@ -170,7 +171,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from scanner.store import Store
 
     with Store(settings.database) as store:
-        outcome = run_scan(settings, store=store, trigger="cli")
+        outcome = run_scan(settings, store=store, trigger="cli", lock_wait=LOCK_WAIT_SECONDS)
     if args.json:
         doc = {"scan_id": outcome.scan_id, "started_at": outcome.started_at.isoformat(),
                "finished_at": outcome.finished_at.isoformat(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,36 @@ class ClusterSettings:
     api_timeout_seconds: float = 10.0  # per API request
     deadline_seconds: float = 120.0  # the whole collection of one cluster
     schedule: str | None = None  # overrides the global schedule for `serve`
+    timezone: str | None = None  # zone of this cluster's schedule; None: serve.timezone
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """`felixscan serve`: how scans are scheduled and the web page is served (`serve:`)."""
+
+    listen: str = "127.0.0.1:8080"  # HOST:PORT of the web page; `--listen` wins
+    timezone: str = "UTC"  # the zone cron schedules are read in
+    jitter_seconds: int = 0  # each run starts up to this much later, to spread a fleet's load
+    misfire_grace_seconds: int = 3600  # a run missed (downtime, busy) still starts within this
+    coalesce: bool = True  # several missed runs of one cluster start only once
+    max_concurrent_scans: int = 4  # clusters this process scans at the same time
+    shutdown_grace_seconds: float = 60.0  # on SIGTERM, running scans may finish within this
+    lock_ttl_seconds: float = 120.0  # SQLite lease lifetime; renewed every third of it
+    report_cache_dir: Path | None = None  # rendered reports, by data hash; None: a temp dir
+    report_cache_entries: int = 64  # reports kept in that cache, newest first
+    public_url: str | None = None  # the page's address as auditors reach it (alert links)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """Webhook alerts (`alerts:`) when a cluster turns non-compliant or recovers."""
+
+    # A Slack webhook URL is itself the credential: kept out of repr and logs, and
+    # $FELIXSCAN_ALERT_WEBHOOK_URL overrides the file so it can live in a Secret.
+    webhook_url: str | None = field(default=None, repr=False)
+    timeout_seconds: float = 5.0  # per attempt
+    retries: int = 5  # attempts after the first, on network errors, 5xx and 429
+    backoff_seconds: float = 2.0  # first wait between attempts; doubles each time
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +115,8 @@ class Settings:
     clusters: tuple[ClusterSettings, ...]
     schedule: str | None = None
     source: str | None = None  # the config file these came from, for messages
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def select(self, names: Sequence[str]) -> Settings:
         """Only the named clusters; an unknown name is a configuration error."""
@@ -99,12 +131,7 @@ class Settings:
                 key="--cluster",
             )
         wanted = set(names)
-        return Settings(
-            database=self.database,
-            clusters=tuple(c for c in self.clusters if c.name in wanted),
-            schedule=self.schedule,
-            source=self.source,
-        )
+        return replace(self, clusters=tuple(c for c in self.clusters if c.name in wanted))
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -125,12 +152,14 @@ def load_settings(
     else:
         settings = _settings_from_file(Path(config_path), env)
     database = db_url or env.get("FELIXSCAN_DB") or settings.database
-    return Settings(
-        database=database,
-        clusters=settings.clusters,
-        schedule=settings.schedule,
-        source=settings.source,
-    )
+    alerts = settings.alerts
+    if env.get("FELIXSCAN_ALERT_WEBHOOK_URL"):
+        webhook = env["FELIXSCAN_ALERT_WEBHOOK_URL"]
+        if not _HTTP_URL.match(webhook):
+            raise ConfigError("expected an http:// or https:// URL",
+                              key="FELIXSCAN_ALERT_WEBHOOK_URL")
+        alerts = replace(alerts, webhook_url=webhook)
+    return replace(settings, database=database, alerts=alerts)
 
 
 def _settings_from_kubeconfig(env: Mapping[str, str]) -> Settings:
@@ -229,7 +258,7 @@ class _Reader:
         return value
 
     def settings(self, doc: object) -> Settings:
-        top = self.mapping(doc, "", ("database", "schedule", "clusters"))
+        top = self.mapping(doc, "", ("database", "schedule", "clusters", "serve", "alerts"))
         database = DEFAULT_DATABASE
         if "database" in top:
             database = self.string(top["database"], "database")
@@ -258,7 +287,80 @@ class _Reader:
             seen[cluster.name] = i
             clusters.append(cluster)
         return Settings(database=database, clusters=tuple(clusters), schedule=schedule,
-                        source=self.source)
+                        source=self.source, serve=self.serve(top.get("serve", {}), "serve"),
+                        alerts=self.alerts(top.get("alerts", {}), "alerts"))
+
+    def serve(self, value: object, key: str) -> ServeSettings:
+        item = self.mapping(value, key, (
+            "listen", "timezone", "jitter_seconds", "misfire_grace_seconds", "coalesce",
+            "max_concurrent_scans", "shutdown_grace_seconds", "lock_ttl_seconds",
+            "report_cache_dir", "report_cache_entries", "public_url"))
+        d = ServeSettings()
+        listen = self.string(item.get("listen", d.listen), f"{key}.listen")
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise self.fail(f"{key}.listen", str(exc)) from exc
+        cache_dir = None
+        if "report_cache_dir" in item:
+            raw = self.string(item["report_cache_dir"], f"{key}.report_cache_dir")
+            cache_dir = (self.base / Path(raw).expanduser()).resolve()
+        public_url = None
+        if "public_url" in item:
+            public_url = self.url(item["public_url"], f"{key}.public_url")
+        return ServeSettings(
+            listen=listen,
+            timezone=self.timezone(item.get("timezone", d.timezone), f"{key}.timezone"),
+            jitter_seconds=self.integer(item.get("jitter_seconds", d.jitter_seconds),
+                                        f"{key}.jitter_seconds", low=0, high=86400),
+            misfire_grace_seconds=self.integer(
+                item.get("misfire_grace_seconds", d.misfire_grace_seconds),
+                f"{key}.misfire_grace_seconds", low=1, high=7 * 86400),
+            coalesce=self.boolean(item.get("coalesce", d.coalesce), f"{key}.coalesce"),
+            max_concurrent_scans=self.integer(
+                item.get("max_concurrent_scans", d.max_concurrent_scans),
+                f"{key}.max_concurrent_scans", low=1, high=64),
+            shutdown_grace_seconds=self.number(
+                item.get("shutdown_grace_seconds", d.shutdown_grace_seconds),
+                f"{key}.shutdown_grace_seconds", low=0, high=3600),
+            lock_ttl_seconds=self.number(item.get("lock_ttl_seconds", d.lock_ttl_seconds),
+                                         f"{key}.lock_ttl_seconds", low=1, high=3600),
+            report_cache_dir=cache_dir,
+            report_cache_entries=self.integer(
+                item.get("report_cache_entries", d.report_cache_entries),
+                f"{key}.report_cache_entries", low=1, high=10000),
+            public_url=public_url,
+        )
+
+    def alerts(self, value: object, key: str) -> AlertSettings:
+        item = self.mapping(value, key, ("webhook_url", "timeout_seconds", "retries",
+                                         "backoff_seconds"))
+        d = AlertSettings()
+        return AlertSettings(
+            webhook_url=self.url(item["webhook_url"], f"{key}.webhook_url")
+            if "webhook_url" in item else None,
+            timeout_seconds=self.number(item.get("timeout_seconds", d.timeout_seconds),
+                                        f"{key}.timeout_seconds", low=0.1, high=120),
+            retries=self.integer(item.get("retries", d.retries), f"{key}.retries",
+                                 low=0, high=20),
+            backoff_seconds=self.number(item.get("backoff_seconds", d.backoff_seconds),
+                                        f"{key}.backoff_seconds", low=0, high=600),
+        )
+
+    def url(self, value: object, key: str) -> str:
+        text = self.string(value, key)
+        if not _HTTP_URL.match(text):
+            raise self.fail(key, "expected an http:// or https:// URL")
+        return text
+
+    def timezone(self, value: object, key: str) -> str:
+        text = self.string(value, key)
+        try:
+            ZoneInfo(text)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise self.fail(key, f"unknown time zone {text!r} (expected an IANA name such as "
+                            "UTC or Europe/Berlin)") from exc
+        return text
 
     def cron(self, value: object, key: str) -> str:
         text = self.string(value, key)
@@ -273,7 +375,7 @@ class _Reader:
 
     def cluster(self, value: object, key: str) -> ClusterSettings:
         allowed = ("name", "kubeconfig", "context", "in_cluster", "calico", "probe", "remediation",
-                   "api_timeout_seconds", "deadline_seconds", "schedule")
+                   "api_timeout_seconds", "deadline_seconds", "schedule", "timezone")
         item = self.mapping(value, key, allowed)
         if "name" not in item:
             raise self.fail(f"{key}.name", "missing: expected the cluster's name")
@@ -316,6 +418,8 @@ class _Reader:
             deadline_seconds=self.number(item.get("deadline_seconds", 120.0),
                                          f"{key}.deadline_seconds", low=1, high=86400),
             schedule=schedule,
+            timezone=self.timezone(item["timezone"], f"{key}.timezone")
+            if "timezone" in item else None,
         )
 
     def calico(self, value: object, key: str) -> CalicoSettings:
@@ -429,6 +533,26 @@ def parse_window(text: str) -> MaintenanceWindow:
     if start == end:
         raise ValueError(f"the window is empty; {expected}")
     return MaintenanceWindow(days=frozenset(days), start=start, end=end, tz=tz, text=text.strip())
+
+
+_HTTP_URL = re.compile(r"^https?://[^\s/?#@]+(?:[/?#]\S*)?$", re.IGNORECASE)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:8080` for IPv6) as (host, port); port 0 picks a free one."""
+    expected = f"expected HOST:PORT such as 127.0.0.1:8080 or [::1]:8080, got {text!r}"
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(expected)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(expected)
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(expected)
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(expected)
+    return host, int(port)
 
 
 def _kind(value: object) -> str:

@@ -80,6 +80,8 @@ class ScanRun(Base):
     trigger: Mapped[str] = mapped_column(String(32))  # cli, schedule, demo, remediation
     tool_version: Mapped[str] = mapped_column(String(64))
     scanner_host: Mapped[str] = mapped_column(String(255))  # where the probes came from
+    cluster: Mapped[str | None] = mapped_column(String(255))  # set on skipped runs
+    note: Mapped[str | None] = mapped_column(Text)  # why a run was skipped or aborted
 
     clusters: Mapped[list[ClusterScan]] = relationship(back_populates="run")
 

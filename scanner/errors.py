@@ -11,7 +11,9 @@ Only the CLI turns these into messages and exit codes::
     │   │   └── ApiForbidden            401/403: credentials or RBAC
     │   ├── ApiUnreachable              connection refused, TLS failure, timeout, deadline
     │   └── CalicoNotFound              no calico-node DaemonSet where expected
-    └── ReportError                     a report cannot be made (empty period, unknown cluster)
+    ├── ReportError                     a report cannot be made (empty period, unknown cluster)
+    └── RemediationError                remediation could not run or finish (exit 1)
+        └── RemediationRefused          a guard, the plan or the operator said no (exit 2)
 """
 
 from __future__ import annotations
@@ -69,3 +71,22 @@ class CalicoNotFound(ClusterError):
 
 class ReportError(FelixscanError):
     """A report cannot be produced from what the database holds."""
+
+
+class RemediationError(FelixscanError):
+    """Remediation could not run or finish; what was changed is recorded in the database."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, action_id: int | None = None) -> None:
+        self.action_id = action_id
+        super().__init__(message)
+
+
+class RemediationRefused(RemediationError):
+    """A guard (enabled, window, rollout, NotReady share), the plan or the prompt said no.
+
+    Nothing was changed in the cluster.
+    """
+
+    exit_code = 2

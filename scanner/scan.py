@@ -7,6 +7,7 @@ and never stops the others.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from scanner.errors import ClusterError, StoreError
 from scanner.evaluate import evaluate, failed_cluster, probe_targets
 from scanner.probe import ProbeSettings, probe_nodes
 from scanner.records import ClusterResult, ClusterSnapshot
+from scanner.locks import DatabaseLock, cluster_lock_name
 from scanner.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,13 @@ class ScanOutcome:
 
     @property
     def exit_code(self) -> int:
-        """0 all compliant, 1 any non-compliant, 3 any cluster not scanned (none non-compliant)."""
+        """0 all compliant, 1 any non-compliant, 3 any cluster not scanned (none non-compliant),
+        4 any result not stored: the database failed, and the run's record is incomplete."""
+        if self.store_errors:
+            return 4
         if any(c.status == "non_compliant" for c in self.clusters):
             return 1
-        if any(c.status == "error" for c in self.clusters) or self.store_errors:
+        if any(c.status == "error" for c in self.clusters):
             return 3
         return 0
 
@@ -91,10 +96,15 @@ def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
 
 
 def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
-             collector: Collector = collect, clock: Clock = utcnow) -> ScanOutcome:
+             collector: Collector = collect, clock: Clock = utcnow,
+             lock_wait: float | None = None) -> ScanOutcome:
     """Scan every configured cluster and store each result in its own transaction.
 
-    `clock` stamps the run and its results (the demo replays several days with it).
+    `clock` stamps the run and its results (the demo replays several days with it). With
+    `lock_wait` (seconds) each cluster is scanned under the database lock `serve` uses, so a
+    CronJob agent and a scheduler never scan one cluster at the same moment; a cluster still
+    locked after that wait is reported as an error, not scanned twice. Callers that already
+    hold the lock (the scheduler, remediation) leave it None.
     """
     store.ensure_schema()
     started_at = clock()
@@ -106,7 +116,9 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
     try:
         workers = max(1, min(len(settings.clusters), 8))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster") as pool:
-            futures = [pool.submit(scan_cluster, c, collector=collector, clock=clock)
+            scan = scan_cluster if lock_wait is None else functools.partial(
+                _locked_scan, locks=DatabaseLock(store), wait=lock_wait)
+            futures = [pool.submit(scan, c, collector=collector, clock=clock)
                        for c in settings.clusters]
             for future in futures:
                 result = future.result()
@@ -130,6 +142,28 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
     return ScanOutcome(scan_id=run_id, started_at=started_at, finished_at=finished_at,
                        clusters=tuple(results), stored=tuple(stored),
                        store_errors=tuple(store_errors))
+
+
+def _locked_scan(cluster: ClusterSettings, *, collector: Collector, clock: Clock,
+                 locks: DatabaseLock, wait: float) -> ClusterResult:
+    name = cluster_lock_name(cluster.name)
+    started_at = clock()
+    deadline = time.monotonic() + wait
+    while True:
+        held = locks.try_acquire(name)
+        if held is not None:
+            try:
+                return scan_cluster(cluster, collector=collector, clock=clock)
+            finally:
+                held.release()
+        if time.monotonic() >= deadline:
+            holder = locks.holder(name)
+            return failed_cluster(
+                cluster.name, f"another felixscan is scanning this cluster"
+                f"{f' ({holder})' if holder else ''} and still was after {wait:g}s; "
+                "not scanned twice at once", kind="Locked", started_at=started_at,
+                finished_at=clock())
+        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 
 def _with_timings(result: ClusterResult, timings: dict[str, float]) -> ClusterResult:

@@ -7,6 +7,8 @@ transaction: a failure leaves nothing of that cluster behind and the other clust
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import tempfile
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,13 +145,16 @@ class Store:
                 conn.commit()
         else:
             # pysqlite commits each DDL statement on its own, so two processes migrating one
-            # file could both see "no schema"; an flock on the database file serialises them
-            # (SQLite's own locks are POSIX record locks, which flock does not interfere with).
+            # file could both see "no schema"; a lock file serialises them. Never a second
+            # descriptor on the database itself: closing it would drop SQLite's own POSIX locks
+            # in this process and can corrupt the file.
             path = conn.engine.url.database
             if not path or path == ":memory:":
                 yield
                 return
-            with open(path, "a+b") as handle:
+            digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+            lock_path = Path(tempfile.gettempdir()) / f"felixscan-migrate-{digest}.lock"
+            with open(lock_path, "a+b") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 try:
                     yield

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +28,9 @@ from scanner.emulator.nodes import NodeFleet, address_for
 
 CALICO = Path(__file__).resolve().parent / "fixtures" / "calico"
 CALICO_VERSIONS = sorted(p.name.split("-", 1)[0] for p in CALICO.glob("*-calico-daemonset-*.yaml"))
-_addresses: Iterator[int] = itertools.count(1)  # fresh addresses: no reuse across tests
+# Fresh addresses: no reuse across tests, and a range of its own for each pytest process, so
+# two runs on one machine never share a node address.
+_addresses: Iterator[int] = itertools.count(1 + (os.getpid() % 64) * 10_000)
 
 
 def next_address() -> str:

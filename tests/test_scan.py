@@ -314,3 +314,23 @@ def test_second_scan_appends(harness: Harness, sqlite_url: str) -> None:
         assert conn.execute(text("SELECT count(*) FROM scan_runs WHERE status='finished'")
                             ).scalar() == 2
     engine.dispose()
+
+
+def test_a_cluster_locked_by_another_scanner_is_not_scanned_twice(
+        harness: Harness, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scanner import cli
+    from scanner.locks import DatabaseLock, cluster_lock_name
+    from scanner.store import Store
+
+    harness.cluster("busy", ["closed"])
+    harness.cluster("free", ["closed"])
+    monkeypatch.setattr(cli, "LOCK_WAIT_SECONDS", 0.5)
+    with Store(sqlite_url) as store:
+        store.upgrade()
+        with DatabaseLock(store).hold(cluster_lock_name("busy")) as held:
+            assert held is not None
+            out = harness.scan(sqlite_url)
+    assert out.code == 3
+    assert out.cluster("free")["status"] == "compliant"
+    assert "another felixscan is scanning this cluster" in out.cluster("busy")["error"]
+    assert harness.scan(sqlite_url).code == 0  # released: scanned normally

@@ -1022,6 +1022,7 @@ class _Server(ThreadingHTTPServer):
                 conn = self.ssl_context.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError):
                 request.close()
+                self.emulator._track(None, add=False, failed_handshake=True)
                 return
             conn.settimeout(None)
         self.emulator._track(conn, add=True)
@@ -1124,10 +1125,12 @@ class KubeEmulator:
         continue_expiry_writes: int | None = None,
         kubernetes_version: str = KUBERNETES_VERSION,
         seed: int | None = None,
+        cert_not_after: datetime | None = None,
     ) -> None:
         """`continue_expiry_writes`: a continue token (or watch resourceVersion) older than that
         many writes answers 410 Expired, like after an etcd compaction; None = only after
-        `expire_continue_tokens()`. `user` is the identity named in RBAC 403 messages."""
+        `expire_continue_tokens()`. `user` is the identity named in RBAC 403 messages.
+        `cert_not_after` in the past serves an expired certificate (from the kubeconfig's CA)."""
         self.tls = tls
         self.token = token
         self.host = host
@@ -1150,6 +1153,7 @@ class KubeEmulator:
         self._rbac: tuple[_RbacRule, ...] | None = None
         self._connections: set[Any] = set()
         self._accepted = 0
+        self._failed_handshakes = 0
         self._random = random.Random(seed)
         self.errors: list[BaseException] = []  # handler bugs answered with 500 InternalError
         self._server: _Server | None = None
@@ -1164,6 +1168,7 @@ class KubeEmulator:
                 ca_cert_pem=ca_cert,
                 ca_key_pem=ca_key,
                 hosts=["127.0.0.1", "localhost", "::1", "kubernetes", "kubernetes.default.svc"],
+                not_after=cert_not_after,
             )
             self.ca_pem = ca_cert
             self._ssl_context = server_ssl_context(cert, key)
@@ -1248,9 +1253,17 @@ class KubeEmulator:
         with self._cond:
             return self._accepted
 
-    def _track(self, conn: Any, *, add: bool) -> None:
+    @property
+    def failed_handshakes(self) -> int:
+        """How many TLS handshakes failed (e.g. the client did not trust the certificate)."""
         with self._cond:
-            if add:
+            return self._failed_handshakes
+
+    def _track(self, conn: Any, *, add: bool, failed_handshake: bool = False) -> None:
+        with self._cond:
+            if failed_handshake:
+                self._failed_handshakes += 1
+            elif add:
                 self._accepted += 1
                 self._connections.add(conn)
             else:
@@ -1963,9 +1976,8 @@ class KubeEmulator:
                 return self._fault_response(fault, info)
         if path in ("/healthz", "/livez", "/readyz", "/version"):
             return self._non_resource(path)
-        if (
-            self.token is not None
-            and handler.headers.get("Authorization") != f"Bearer {self.token}"
+        if self.token is not None and not _bearer_matches(
+            handler.headers.get("Authorization"), self.token
         ):
             return _error_response(ApiError(401, "Unauthorized", "Unauthorized"))
         try:
@@ -2878,3 +2890,9 @@ def write_kubeconfig(
     target = Path(path)
     _write_config(target, config)
     return target
+
+
+def _bearer_matches(header: str | None, token: str) -> bool:
+    """`Authorization: Bearer <token>`; the scheme is case-insensitive, as in the apiserver."""
+    scheme, _, value = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and value.strip() == token

@@ -1,0 +1,150 @@
+"""The remediation side of the Kubernetes door: reads whole objects and patches them.
+
+Besides `scanner.collect` (the read-only scanner), the only module that imports `kubernetes`,
+and only for remediation. It can touch exactly three kinds (the calico-node DaemonSet, a
+FelixConfiguration, the operator Installation) and only with PATCH: every write carries the
+caller's resourceVersion precondition (a conflict comes back as `ApiError(status=409)`) and
+`fieldManager=felixscan`; a dry run adds `dryRun=All`. docs/remediation.md lists the verbs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from scanner.collect import Api, make_api
+from scanner.config import ClusterSettings
+from scanner.errors import ApiError, ApiForbidden, ApiUnreachable, RemediationRefused
+
+PatchType = Literal["strategic", "merge"]
+FIELD_MANAGER = "felixscan"
+_CONTENT_TYPES: dict[PatchType, str] = {
+    "strategic": "application/strategic-merge-patch+json",
+    "merge": "application/merge-patch+json",
+}
+# (apiVersion, kind) -> (group, version, plural) for the custom resources remediation may patch
+_CUSTOM = {
+    ("crd.projectcalico.org/v1", "FelixConfiguration"):
+        ("crd.projectcalico.org", "v1", "felixconfigurations"),
+    ("operator.tigera.io/v1", "Installation"): ("operator.tigera.io", "v1", "installations"),
+}
+DAEMONSET = ("apps/v1", "DaemonSet")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """One object remediation reads or patches."""
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.kind} {where}"
+
+
+class KubeWriter:
+    """Reads and patches the objects remediation may change, in one cluster."""
+
+    def __init__(self, settings: ClusterSettings, *, api: Api | None = None) -> None:
+        self.settings = settings
+        # The collection deadline of `make_api` is renewed per call: a remediation lasts as long
+        # as its rollout, but every single request still has the configured timeout.
+        self.api = api or make_api(settings, deadline=time.monotonic() + 60)
+
+    def close(self) -> None:
+        close = getattr(self.api.client, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> KubeWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _renew(self) -> None:
+        self.api.deadline = time.monotonic() + self.api.timeout * 6
+
+    def read(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """The object as served, or None when it does not exist."""
+        self._renew()
+        if (ref.api_version, ref.kind) == DAEMONSET:
+            return self.api.get(f"GET {ref}", self.api.apps.read_namespaced_daemon_set,
+                                ref.name, ref.namespace)
+        group, version, plural = _custom(ref)
+        return self.api.get(f"GET {ref}", self.api.custom.get_cluster_custom_object,
+                            group, version, plural, ref.name)
+
+    def patch(self, ref: ObjectRef, body: Mapping[str, Any], *, patch_type: PatchType,
+              dry_run: bool) -> dict[str, Any]:
+        """PATCH one object; returns the object the server answered (the would-be object for
+        a dry run). Not retried here: the caller re-reads and re-plans on a 409."""
+        self._renew()
+        what = f"PATCH {ref}" + (" (dry run)" if dry_run else "")
+        kwargs: dict[str, Any] = {
+            "field_manager": FIELD_MANAGER,
+            "_content_type": _CONTENT_TYPES[patch_type],
+            "_preload_content": False,
+            "_request_timeout": (min(self.api.timeout, 5.0), self.api.timeout),
+        }
+        if dry_run:
+            kwargs["dry_run"] = "All"
+        if (ref.api_version, ref.kind) == DAEMONSET:
+            if patch_type != "strategic":
+                raise ValueError("the DaemonSet is patched with a strategic merge patch")
+            method: Any = self.api.apps.patch_namespaced_daemon_set
+            args: tuple[Any, ...] = (ref.name, ref.namespace, dict(body))
+        else:
+            method = self.api.custom.patch_cluster_custom_object
+            args = (*_custom(ref), ref.name, dict(body))
+        self.api.requests += 1
+        try:
+            data = method(*args, **kwargs).data
+        except ApiException as exc:
+            status = int(exc.status or 0)
+            if status == 0:
+                raise ApiUnreachable(f"{what}: {_reason(exc)}") from None
+            if status in (401, 403):
+                raise ApiForbidden(f"{what}: {status} {_reason(exc)}", status=status) from None
+            raise ApiError(f"{what}: {status} {_reason(exc)}", status=status) from None
+        except urllib3.exceptions.HTTPError as exc:
+            # The write may or may not have happened; the caller's precondition makes a retry
+            # safe (it answers 409 when it did), so the caller decides.
+            raise ApiUnreachable(f"{what}: connection failed ({type(exc).__name__})") from None
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(f"{what}: the answer is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ApiError(f"{what}: expected a JSON object, got {type(doc).__name__}")
+        return doc
+
+
+def _custom(ref: ObjectRef) -> tuple[str, str, str]:
+    try:
+        return _CUSTOM[(ref.api_version, ref.kind)]
+    except KeyError:
+        # The door itself keeps remediation to its three kinds, whatever a caller asks.
+        raise RemediationRefused(f"remediation never touches {ref.api_version} {ref.kind} "
+                                 f"objects ({ref})") from None
+
+
+def _reason(exc: ApiException) -> str:
+    """The apiserver's Status message, never the request (which may carry credentials)."""
+    reason = exc.reason or ""
+    try:
+        body = json.loads(exc.body or b"")
+    except (ValueError, TypeError):
+        return reason
+    if isinstance(body, dict) and body.get("message"):
+        return f"{reason}: {str(body['message'])[:300]}"
+    return reason

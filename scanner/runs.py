@@ -1,0 +1,76 @@
+"""The scheduler's bookkeeping rows in `scan_runs`: skipped runs and runs aborted at shutdown.
+
+Part of the store layer (with `scanner.store`, which writes the scans themselves). Each function
+is one transaction, so a crash leaves either the whole row or nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+
+from scanner import __version__
+from scanner.db import ClusterScan, ScanRun
+from scanner.store import Store
+
+SKIPPED = "skipped"
+ABORTED = "aborted"
+
+
+def record_skipped(store: Store, *, trigger: str, at: datetime | None = None,
+                   cluster: str | None = None, note: str | None = None) -> int:
+    """A run that was due but did not start (overlap, another replica's lock); returns its id.
+
+    The row names the cluster and the reason, so the gap is visible to anyone counting runs.
+    """
+    when = at or datetime.now(UTC)
+    with store.session() as s:
+        run = ScanRun(started_at=when, finished_at=when, status=SKIPPED, trigger=trigger,
+                      tool_version=__version__, scanner_host=socket.gethostname(),
+                      cluster=cluster, note=note)
+        s.add(run)
+        s.flush()
+        return run.id
+
+
+def abort_runs(store: Store, run_ids: Iterable[int], *, at: datetime | None = None) -> list[int]:
+    """Mark those of `run_ids` that are still running as aborted; returns the ids it marked.
+
+    A cluster result is written in one transaction with the scan, so an aborted run holds the
+    clusters it finished and nothing of the one it was in the middle of.
+    """
+    ids = sorted(set(run_ids))
+    if not ids:
+        return []
+    when = at or datetime.now(UTC)
+    with store.session() as s:
+        marked = list(s.scalars(select(ScanRun.id).where(ScanRun.id.in_(ids),
+                                                         ScanRun.status == "running")))
+        if marked:
+            s.execute(update(ScanRun).where(ScanRun.id.in_(marked),
+                                            ScanRun.status == "running")
+                      .values(status=ABORTED, finished_at=when))
+    return marked
+
+
+def last_scan_started(store: Store, cluster: str) -> datetime | None:
+    """When the cluster's newest stored scan started (any trigger, any replica)."""
+    with store.sessions() as s:
+        return s.scalar(select(func.max(ClusterScan.started_at))
+                        .where(ClusterScan.cluster == cluster))
+
+
+def previous_status(store: Store, cluster: str, *, before: datetime) -> str | None:
+    """The status of the cluster's last scan started before `before` that was not an error.
+
+    An error says nothing about compliance, so alerts compare with the last real verdict.
+    """
+    with store.sessions() as s:
+        return s.scalar(select(ClusterScan.status)
+                        .where(ClusterScan.cluster == cluster, ClusterScan.started_at < before,
+                               ClusterScan.status != "error")
+                        .order_by(ClusterScan.started_at.desc(), ClusterScan.id.desc())
+                        .limit(1))
