@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on every node of every cluster."))
     parser.add_argument("--version", action="version", version=f"felixscan {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log progress to stderr (-vv for debug)")
+                        help="log progress to stderr (-vv for debug, -vvv with SQL)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     scan = sub.add_parser("scan", help="scan clusters once and store the results",
@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose < 3:
+        # SQLAlchemy logs every statement and row below WARNING: only with -vvv.
+        logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     try:
         handler = getattr(args, "handler", None)
         if handler is not None:

@@ -1,6 +1,7 @@
 """Reads one cluster's Calico state from the Kubernetes API, read-only, into a ClusterSnapshot.
 
-The only module that imports `kubernetes`. Requests go through the real client with raw JSON
+The only module that imports `kubernetes` for reading (scanner/kube_write.py is the other one,
+and only for remediation). Requests go through the real client with raw JSON
 answers (`_preload_content=False`): fast on lists of thousands of nodes and indifferent to CRD
 schemas. Every request has a timeout and the whole collection a deadline; lists are paged.
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import configparser
+import hashlib
 import json
+import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +29,15 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from scanner.calico import CONFIG_FILE, felix_param, parse_bool, parse_port
+from scanner.calico import (
+    CERT_FILE,
+    CONFIG_FILE,
+    ENABLED,
+    PORT,
+    felix_param,
+    parse_bool,
+    parse_port,
+)
 from scanner.config import ClusterSettings
 from scanner.errors import ApiError, ApiForbidden, ApiUnreachable, CalicoNotFound, ClusterError
 from scanner.records import (
@@ -47,6 +59,11 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _MAX_ATTEMPTS = 4
 _MAX_RELISTS = 3
 _RELEVANT = "prometheusmetrics"  # Felix parameters the scanner reads begin with this
+NAME_LIMIT = 253  # a node name (DNS subdomain), and the database column that holds it
+# C0/C1 controls, lone surrogates and bidi overrides: never in a valid name, and in a terminal,
+# a report or a database they reorder, hide or break the text around them
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
+                          "\u2066-\u2069\ud800-\udfff]")
 
 
 @dataclass
@@ -101,7 +118,9 @@ class Api:
                 if exc.status == 0:  # the client wraps TLS failures this way
                     raise ApiUnreachable(f"{what}: {_transport_reason(exc, timeout)}") from None
                 if exc.status in (401, 403):
-                    raise ApiForbidden(f"{what}: {exc.status} {_status_message(exc)}",
+                    hint = (" (the API server refused the credentials)" if exc.status == 401
+                            else "")
+                    raise ApiForbidden(f"{what}: {exc.status} {_status_message(exc)}{hint}",
                                        status=exc.status) from None
                 if exc.status in _RETRY_STATUS and attempt < _MAX_ATTEMPTS:
                     self._backoff(attempt, exc)
@@ -110,7 +129,11 @@ class Api:
                                + (f" (after {attempt} attempts)" if attempt > 1 else ""),
                                status=exc.status) from None
             except urllib3.exceptions.HTTPError as exc:
-                raise ApiUnreachable(f"{what}: {_transport_reason(exc, timeout)}") from None
+                reason = _transport_reason(exc, timeout)
+                if timeout < self.timeout and "timed out" in reason:
+                    reason = (f"deadline exceeded: the cluster's deadline ran out during this "
+                              f"request ({self.requests} requests made)")
+                raise ApiUnreachable(f"{what}: {reason}") from None
             try:
                 doc = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
@@ -127,9 +150,13 @@ class Api:
         if raw and str(raw).isdigit():
             retry_after = float(raw)
         delay = retry_after if retry_after is not None else 0.2 * 2 ** (attempt - 1)
-        delay = min(delay + random.uniform(0, 0.1), 10.0)
-        if delay >= self.remaining():
-            raise ApiUnreachable(f"deadline exceeded while backing off after HTTP {exc.status}")
+        delay += random.uniform(0, 0.1)
+        left = self.remaining()
+        if delay >= left:
+            asked = f" (Retry-After: {raw} s)" if retry_after is not None else ""
+            raise ApiUnreachable(f"deadline exceeded: HTTP {exc.status} asks to wait "
+                                 f"{delay:.1f} s{asked}, the cluster's deadline is {left:.1f} s "
+                                 f"away ({self.requests} requests made)")
         self.sleep(delay)
 
     def list(self, what: str, method: Any, *args: Any, **kwargs: Any
@@ -158,7 +185,10 @@ class Api:
             current: dict[str, Any] | None = first
             expired = False
             while current is not None:
-                items.extend(i for i in current.get("items") or [] if isinstance(i, dict))
+                batch = current.get("items") or []
+                if not all(isinstance(i, dict) for i in batch):
+                    raise ApiError(f"{what}: `items` holds something that is not an object")
+                items.extend(batch)
                 token = (current.get("metadata") or {}).get("continue")
                 if not token:
                     break
@@ -184,6 +214,20 @@ class Api:
             first = restart
 
 
+def _printable(text: str, limit: int = NAME_LIMIT) -> str:
+    """`text` as it may be shown and stored: controls escaped (`\\x1b`), at most `limit` chars.
+
+    Valid Kubernetes names never change. A longer name is cut and ends in a digest of the
+    whole, so two long names that share a prefix stay distinct.
+    """
+    text = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                            else f"\\u{ord(m.group()):04x}", text)
+    if len(text) > limit:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        text = f"{text[:limit - 13]}\u2026{digest}"
+    return text
+
+
 def _status_message(exc: ApiException) -> str:
     """The apiserver's Status message (never the request, which may carry credentials)."""
     reason = exc.reason or ""
@@ -192,7 +236,7 @@ def _status_message(exc: ApiException) -> str:
     except (ValueError, TypeError):
         return reason
     if isinstance(body, dict) and body.get("message"):
-        return f"{reason}: {str(body['message'])[:300]}"
+        return f"{reason}: {_printable(str(body['message']), 300)}"
     return reason
 
 
@@ -222,10 +266,14 @@ def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
             k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
                 client_configuration=configuration)
         else:
-            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
-                context=settings.context, client_configuration=configuration,
-                persist_config=False)
+            with _CredentialErrors() as logged:
+                k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
+                    context=settings.context, client_configuration=configuration,
+                    persist_config=False)
+            if logged.messages:
+                raise ClusterError("the kubeconfig's credentials could not be obtained: "
+                                   f"{_clean(logged.messages[0])}")
     except ConfigException as exc:
         raise ClusterError(f"cannot use the kubeconfig credentials: {_clean(str(exc))}") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -233,12 +281,41 @@ def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
         raise ClusterError(f"cannot load credentials ({type(exc).__name__}: "
                            f"{_clean(str(exc))})") from None
     # urllib3 retries connection failures itself (twice), never a read that timed out: a
-    # hanging API costs one timeout, not four.
+    # hanging API costs one timeout, not four. Statuses are ours to retry (Api.get): left on,
+    # urllib3 treats a 429/503 with Retry-After as a retry and, with status=0, fails it as
+    # "MaxRetryError" before our backoff ever sees it.
     configuration.retries = urllib3.Retry(total=2, connect=2, read=0, status=0, redirect=0,
-                                          backoff_factor=0.1)
+                                          backoff_factor=0.1, respect_retry_after_header=False)
     api_client = k8s_client.ApiClient(configuration)
     return Api(client=api_client, timeout=settings.api_timeout_seconds, deadline=deadline,
                cluster=settings.name)
+
+
+class _CredentialErrors(logging.Filter):
+    """What the kubernetes client logs at ERROR, on this thread, while loading a kubeconfig.
+
+    A failing exec credential plugin (non-zero exit, garbage on stdout) is logged there and the
+    client goes on without credentials, which would surface later as a bare "401 Unauthorized".
+    The records are kept here, and not printed, so the cluster's error can say what failed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread or record.levelno < logging.ERROR:
+            return True
+        self.messages.append(record.getMessage())
+        return False
+
+    def __enter__(self) -> _CredentialErrors:
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self)
 
 
 def _clean(text: str) -> str:
@@ -257,6 +334,11 @@ def collect(settings: ClusterSettings, *, api: Api | None = None) -> ClusterSnap
         api = make_api(settings, deadline=started + settings.deadline_seconds)
     try:
         return _collect(settings, api, started)
+    except (AttributeError, TypeError, ValueError) as exc:
+        # Valid JSON of the wrong shape (a string where an object belongs, a non-numeric
+        # count): this cluster cannot be read, and the others must not fall with it.
+        raise ApiError(f"the API answered with an object of an unexpected shape "
+                       f"({type(exc).__name__}: {_clean(str(exc))})") from exc
     finally:
         close = getattr(api.client, "close", None)
         if close is not None:
@@ -294,7 +376,7 @@ def _collect(settings: ClusterSettings, api: Api, started: float) -> ClusterSnap
     return ClusterSnapshot(
         cluster=settings.name, install=install, namespace=namespace,
         daemonset=str(meta.get("name")), container=settings.calico.container,
-        image=container.get("image"), env=env, config_file=config_file,
+        image=_name(container.get("image"), 1000), env=env, config_file=config_file,
         felix_configs=felix_configs, felix_crd=felix_crd, installation=installation,
         rollout=rollout, pods=pods, nodes=nodes, collected_at=datetime.now(UTC),
         api_seconds=time.monotonic() - started)
@@ -334,20 +416,36 @@ def _install_type(ds: Mapping[str, Any], namespace: str,
 
 
 class _Objects:
-    """ConfigMaps and Secrets of one namespace, each fetched once."""
+    """ConfigMaps and Secrets of one namespace, each fetched once.
+
+    A 403 on one of them makes what it holds unknown (`denied`), not the cluster an error: the
+    rest of the cluster can still be read and probed.
+    """
 
     def __init__(self, api: Api, namespace: str) -> None:
         self.api = api
         self.namespace = namespace
         self.cache: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self.denied: dict[tuple[str, str], str] = {}
+
+    def why(self, kind: str, name: str) -> str | None:
+        """Why `data(kind, name)` is None though the object may exist: it may not be read."""
+        return self.denied.get((kind, name))
 
     def data(self, kind: str, name: str) -> dict[str, str] | None:
         key = (kind, name)
         if key not in self.cache:
             read = (self.api.core.read_namespaced_config_map if kind == "configmap"
                     else self.api.core.read_namespaced_secret)
-            self.cache[key] = self.api.get(f"GET {kind} {self.namespace}/{name}", read, name,
-                                           self.namespace)
+            try:
+                self.cache[key] = self.api.get(f"GET {kind} {self.namespace}/{name}", read,
+                                               name, self.namespace)
+            except ApiForbidden as exc:
+                if exc.status != 403:
+                    raise
+                self.cache[key] = None
+                self.denied[key] = (f"the scanner may not read {kind} {self.namespace}/{name} "
+                                    "(403 Forbidden), so the value it gives is unknown")
         doc = self.cache[key]
         if doc is None:
             return None
@@ -395,11 +493,21 @@ def _resolve_env(api: Api, namespace: str, container: Mapping[str, Any]) -> tupl
             data = objects.data(what, name)
             origin = f"envFrom {what} {namespace}/{name}"
             if data is None:
-                if not ref.get("optional"):
+                denied = objects.why(what, name)
+                if denied:
+                    # It may set any variable: each Felix parameter we read that its prefix
+                    # can still spell is unknown (optional or not: it exists, we cannot see it).
+                    for read in (ENABLED, PORT, CERT_FILE):
+                        full = f"FELIX_{read.upper()}"
+                        if full.lower().startswith(prefix.lower()):
+                            env_name = prefix + full[len(prefix):]
+                            resolved[env_name] = EnvVar(name=env_name, value=None,
+                                                        origin=origin, error=denied)
+                elif not ref.get("optional"):
                     resolved[f"{prefix}<envFrom {name}>"] = EnvVar(
                         name=f"{prefix}* (envFrom {what} {name})", value=None, origin=origin,
-                        error=f"{what} {namespace}/{name} named by envFrom does not exist or "
-                        "is not readable; the pod cannot start with it")
+                        error=f"{what} {namespace}/{name} named by envFrom does not exist; "
+                        "the pod cannot start with it")
                 continue
             for key, value in data.items():
                 env_name = prefix + key
@@ -444,6 +552,9 @@ def _value_from(objects: _Objects, env_name: str, param: str, spec: Any) -> EnvV
         name, key = str(ref.get("name")), str(ref.get("key"))
         origin = f"{what} {ns}/{name}[{key}]"
         data = objects.data(what, name)
+        denied = objects.why(what, name)
+        if denied:
+            return EnvVar(name=env_name, value=None, origin=origin, error=denied)
         if data is None or key not in data:
             if ref.get("optional"):
                 return EnvVar(name=env_name, value=None, origin=origin)  # unset: dropped
@@ -506,10 +617,12 @@ def _config_file(api: Api, namespace: str, container: Mapping[str, Any],
                 if item.get("path") == rel:
                     key = str(item.get("key"))
         origin = f"{what} {namespace}/{name}[{key}]"
-        data = _Objects(api, namespace).data(what, name)
+        objects = _Objects(api, namespace)
+        data = objects.data(what, name)
         if data is None:
             return ConfigFile(known=False, values={}, origin=origin,
-                              error=f"{what} {namespace}/{name} is not readable by the scanner")
+                              error=objects.why(what, name)
+                              or f"{what} {namespace}/{name} is not readable by the scanner")
         if key not in data:
             return ConfigFile(known=True, values={}, origin=f"{origin} (absent)")
         values = _parse_felix_cfg(data[key])
@@ -608,11 +721,15 @@ def _pods(api: Api, namespace: str, selector: str, ds_uid: str | None) -> tuple[
         ready = any(c.get("type") == "Ready" and c.get("status") == "True"
                     for c in status.get("conditions") or [])
         pods.append(Pod(name=str(meta.get("name")),
-                        node=(item.get("spec") or {}).get("nodeName"),
+                        node=_name((item.get("spec") or {}).get("nodeName")),
                         phase=str(status.get("phase") or "Unknown"),
                         revision=(meta.get("labels") or {}).get("controller-revision-hash"),
                         ready=ready))
     return tuple(pods)
+
+
+def _name(value: Any, limit: int = NAME_LIMIT) -> str | None:
+    return None if value is None else _printable(str(value), limit)
 
 
 def _nodes(api: Api) -> tuple[Node, ...]:
@@ -627,8 +744,8 @@ def _nodes(api: Api) -> tuple[Node, ...]:
         for cond in status.get("conditions") or []:
             if cond.get("type") == "Ready":
                 ready = cond.get("status") == "True"
-        addresses = tuple((str(a.get("type")), str(a.get("address")))
+        addresses = tuple((_printable(str(a.get("type")), 64), _printable(str(a.get("address"))))
                           for a in status.get("addresses") or [] if a.get("address"))
-        nodes.append(Node(name=str(meta.get("name")), addresses=addresses, ready=ready,
+        nodes.append(Node(name=_printable(str(meta.get("name"))), addresses=addresses, ready=ready,
                           labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()}))
     return tuple(nodes)

@@ -21,9 +21,9 @@ from scanner.collect import collect
 from scanner.config import ClusterSettings, Settings
 from scanner.errors import ClusterError, StoreError
 from scanner.evaluate import evaluate, failed_cluster, probe_targets
+from scanner.locks import DatabaseLock, cluster_lock_name
 from scanner.probe import ProbeSettings, probe_nodes
 from scanner.records import ClusterResult, ClusterSnapshot
-from scanner.locks import DatabaseLock, cluster_lock_name
 from scanner.store import Store
 
 log = logging.getLogger(__name__)

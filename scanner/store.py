@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import tempfile
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
