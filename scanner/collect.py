@@ -120,12 +120,12 @@ class Api:
                 if exc.status in (401, 403):
                     hint = (" (the API server refused the credentials)" if exc.status == 401
                             else "")
-                    raise ApiForbidden(f"{what}: {exc.status} {_status_message(exc)}{hint}",
+                    raise ApiForbidden(f"{what}: {exc.status} {status_message(exc)}{hint}",
                                        status=exc.status) from None
                 if exc.status in _RETRY_STATUS and attempt < _MAX_ATTEMPTS:
                     self._backoff(attempt, exc)
                     continue
-                raise ApiError(f"{what}: {exc.status} {_status_message(exc)}"
+                raise ApiError(f"{what}: {exc.status} {status_message(exc)}"
                                + (f" (after {attempt} attempts)" if attempt > 1 else ""),
                                status=exc.status) from None
             except urllib3.exceptions.HTTPError as exc:
@@ -228,7 +228,7 @@ def _printable(text: str, limit: int = NAME_LIMIT) -> str:
     return text
 
 
-def _status_message(exc: ApiException) -> str:
+def status_message(exc: ApiException) -> str:
     """The apiserver's Status message (never the request, which may carry credentials)."""
     reason = exc.reason or ""
     try:

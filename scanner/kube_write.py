@@ -18,7 +18,7 @@ from typing import Any, Literal
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from scanner.collect import Api, make_api
+from scanner.collect import Api, make_api, status_message
 from scanner.config import ClusterSettings
 from scanner.errors import ApiError, ApiForbidden, ApiUnreachable, RemediationRefused
 
@@ -112,10 +112,11 @@ class KubeWriter:
         except ApiException as exc:
             status = int(exc.status or 0)
             if status == 0:
-                raise ApiUnreachable(f"{what}: {_reason(exc)}") from None
+                raise ApiUnreachable(f"{what}: {status_message(exc)}") from None
             if status in (401, 403):
-                raise ApiForbidden(f"{what}: {status} {_reason(exc)}", status=status) from None
-            raise ApiError(f"{what}: {status} {_reason(exc)}", status=status) from None
+                raise ApiForbidden(f"{what}: {status} {status_message(exc)}",
+                                   status=status) from None
+            raise ApiError(f"{what}: {status} {status_message(exc)}", status=status) from None
         except urllib3.exceptions.HTTPError as exc:
             # The write may or may not have happened; the caller's precondition makes a retry
             # safe (it answers 409 when it did), so the caller decides.
@@ -136,15 +137,3 @@ def _custom(ref: ObjectRef) -> tuple[str, str, str]:
         # The door itself keeps remediation to its three kinds, whatever a caller asks.
         raise RemediationRefused(f"remediation never touches {ref.api_version} {ref.kind} "
                                  f"objects ({ref})") from None
-
-
-def _reason(exc: ApiException) -> str:
-    """The apiserver's Status message, never the request (which may carry credentials)."""
-    reason = exc.reason or ""
-    try:
-        body = json.loads(exc.body or b"")
-    except (ValueError, TypeError):
-        return reason
-    if isinstance(body, dict) and body.get("message"):
-        return f"{reason}: {str(body['message'])[:300]}"
-    return reason
