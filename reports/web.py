@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
@@ -169,6 +169,13 @@ class CachedReport:
     sha256: str  # the integrity hash printed in (and embedded into) the report
     data_key: str  # the hash of the report data without its generation time: the cache key
     cached: bool  # served from the cache, not rendered for this request
+    # The report's file, open: another request's eviction may unlink `path` at any time, the
+    # open file stays readable. The caller closes it.
+    file: BinaryIO
+    size: int
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class ReportCache:
@@ -198,14 +205,14 @@ class ReportCache:
 
     def get(self, store: Store, *, clusters: Sequence[str], since: date, until: date,
             fmt: str, now: datetime | None = None) -> CachedReport:
-        """The report file; raises ReportError (unknown cluster, empty period) like the CLI."""
+        """The report, its file open (the caller closes it); raises ReportError (unknown
+        cluster, empty period) like the CLI."""
         data = load_report(store, clusters=clusters, since=since, until=until, now=now)
         key = hashlib.sha256(canonical_json(replace(data, generated_at=_EPOCH))).hexdigest()
         with self._key_lock(key):
-            hit = self._find(key, fmt)
+            hit = self._open(key, fmt)
             if hit is not None:
-                os.utime(hit)  # most recently used: evicted last
-                return CachedReport(hit, fmt, hit.name.split(".")[1], key, cached=True)
+                return hit
             with self._renders:
                 raw = canonical_json(data)
                 digest = report_hash(raw)
@@ -213,16 +220,24 @@ class ReportCache:
                 body = self._pdf(html, raw) if fmt == "pdf" else html.encode("utf-8")
             path = self.directory / f"{key}.{digest}.{fmt}"
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".render-")
+            # Opened before it gets its name: once named, another request may evict it.
+            fh = os.fdopen(fd, "w+b")
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(body)
+                fh.write(body)
+                fh.flush()
+                fh.seek(0)
                 os.replace(tmp, path)
             except BaseException:
+                fh.close()
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        self._evict()
+        try:
+            self._evict()
+        except BaseException:
+            fh.close()
+            raise
         log.info("rendered %s report %s (%d bytes)", fmt, digest[:12], len(body))
-        return CachedReport(path, fmt, digest, key, cached=False)
+        return CachedReport(path, fmt, digest, key, cached=False, file=fh, size=len(body))
 
     def _pdf(self, html: str, raw: bytes) -> bytes:
         # PDF layout runs in a fresh child process per report: WeasyPrint holds the GIL for
@@ -246,18 +261,36 @@ class ReportCache:
         with self._keys_lock:
             return self._keys.setdefault(key, threading.Lock())
 
-    def _find(self, key: str, fmt: str) -> Path | None:
+    def _open(self, key: str, fmt: str) -> CachedReport | None:
+        """The cached report, opened; None when there is none (or it was evicted meanwhile)."""
         for path in self.directory.glob(f"{key}.*.{fmt}"):
-            return path
+            try:
+                fh = path.open("rb")
+            except FileNotFoundError:
+                continue
+            os.utime(fh.fileno())  # most recently used: evicted last
+            return CachedReport(path, fmt, path.name.split(".")[1], key, cached=True,
+                                file=fh, size=os.fstat(fh.fileno()).st_size)
         return None
 
     def _evict(self) -> None:
-        files = sorted((p for p in self.directory.iterdir() if not p.name.startswith(".")),
-                       key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in files[self.entries:]:
+        # Other requests evict and rename at the same time: a file may go between the listing
+        # and its stat.
+        files = sorted(((mtime, p) for p in self.directory.iterdir()
+                        if not p.name.startswith(".") and (mtime := _mtime(p)) is not None),
+                       reverse=True)
+        for _, old in files[self.entries:]:
             old.unlink(missing_ok=True)
         # Temporary files of a render killed half-way.
         cutoff = time.time() - 3600
         for tmp in self.directory.glob(".render-*"):
-            if tmp.stat().st_mtime < cutoff:
+            mtime = _mtime(tmp)
+            if mtime is not None and mtime < cutoff:
                 tmp.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None

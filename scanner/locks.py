@@ -152,7 +152,10 @@ class DatabaseLock:
             current = conn.execute(select(Lease.holder).where(Lease.name == name)).scalar()
         if current != holder:
             return None
-        if previous is not None:
+        # `previous` was read before the write: a lease still running then was released
+        # meanwhile (our insert found the name free), and nothing was taken over.
+        if previous is not None and (previous.expires_at < now
+                                     or previous.holder in _UNRELEASED):
             log.warning("lock %s: took over the expired lease of %s (expired %s)", name,
                         previous.holder, previous.expires_at.isoformat(timespec="seconds"))
         return _Lease(self, name, holder)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -21,7 +21,7 @@ from scanner.collect import collect
 from scanner.config import ClusterSettings, Settings
 from scanner.errors import ClusterError, StoreError
 from scanner.evaluate import evaluate, failed_cluster, probe_targets
-from scanner.locks import DatabaseLock, cluster_lock_name
+from scanner.locks import DatabaseLock, HeldLock, cluster_lock_name
 from scanner.probe import ProbeSettings, probe_nodes
 from scanner.records import ClusterResult, ClusterSnapshot
 from scanner.store import Store
@@ -109,43 +109,60 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
     store.ensure_schema()
     started_at = clock()
     run_id = store.begin_run(trigger=trigger, started_at=started_at)
-    results: list[ClusterResult] = []
-    stored: list[str] = []
-    store_errors: list[tuple[str, str]] = []
+    results: dict[int, ClusterResult] = {}
+    stored: dict[int, str] = {}
+    store_errors: dict[int, tuple[str, str]] = {}
     status = "aborted"
+    futures: dict[Future[tuple[ClusterResult, HeldLock | None]], int] = {}
     try:
         workers = max(1, min(len(settings.clusters), 8))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster") as pool:
-            scan = scan_cluster if lock_wait is None else functools.partial(
+            scan = _unlocked_scan if lock_wait is None else functools.partial(
                 _locked_scan, locks=DatabaseLock(store), wait=lock_wait)
-            futures = [pool.submit(scan, c, collector=collector, clock=clock)
-                       for c in settings.clusters]
-            for future in futures:
-                result = future.result()
+            futures = {pool.submit(scan, c, collector=collector, clock=clock): i
+                       for i, c in enumerate(settings.clusters)}
+            # Each result is stored as soon as it is ready, and only then is the cluster's
+            # lock released: the next scan of that cluster (another process's) is stored
+            # after it, so the rollups see a cluster's scans in the order they were made.
+            for future in as_completed(futures):
+                i = futures[future]
+                result, held = future.result()
                 t = time.monotonic()
                 try:
                     store.save_cluster(run_id, result)
                 except StoreError as exc:
                     log.error("cluster %s: result not stored: %s", result.cluster, exc)
-                    store_errors.append((result.cluster, str(exc)))
+                    store_errors[i] = (result.cluster, str(exc))
                 else:
-                    stored.append(result.cluster)
+                    stored[i] = result.cluster
+                finally:
+                    if held is not None:
+                        held.release()
                 timings = {**result.timings, "store": time.monotonic() - t}
-                results.append(_with_timings(result, timings))
+                results[i] = _with_timings(result, timings)
         status = "finished"
     finally:
+        _release_unstored(futures)
         finished_at = clock()
         try:
             store.finish_run(run_id, status=status, finished_at=finished_at)
         except StoreError as exc:
             log.error("scan run %s could not be closed: %s", run_id, exc)
     return ScanOutcome(scan_id=run_id, started_at=started_at, finished_at=finished_at,
-                       clusters=tuple(results), stored=tuple(stored),
-                       store_errors=tuple(store_errors))
+                       clusters=tuple(results[i] for i in sorted(results)),
+                       stored=tuple(stored[i] for i in sorted(stored)),
+                       store_errors=tuple(store_errors[i] for i in sorted(store_errors)))
+
+
+def _unlocked_scan(cluster: ClusterSettings, *, collector: Collector,
+                   clock: Clock) -> tuple[ClusterResult, HeldLock | None]:
+    return scan_cluster(cluster, collector=collector, clock=clock), None
 
 
 def _locked_scan(cluster: ClusterSettings, *, collector: Collector, clock: Clock,
-                 locks: DatabaseLock, wait: float) -> ClusterResult:
+                 locks: DatabaseLock, wait: float) -> tuple[ClusterResult, HeldLock | None]:
+    """The result and the cluster's lock, still held: the caller releases it once the result
+    is stored."""
     name = cluster_lock_name(cluster.name)
     started_at = clock()
     deadline = time.monotonic() + wait
@@ -153,17 +170,28 @@ def _locked_scan(cluster: ClusterSettings, *, collector: Collector, clock: Clock
         held = locks.try_acquire(name)
         if held is not None:
             try:
-                return scan_cluster(cluster, collector=collector, clock=clock)
-            finally:
+                return scan_cluster(cluster, collector=collector, clock=clock), held
+            except BaseException:
                 held.release()
+                raise
         if time.monotonic() >= deadline:
             holder = locks.holder(name)
             return failed_cluster(
                 cluster.name, f"another felixscan is scanning this cluster"
                 f"{f' ({holder})' if holder else ''} and still was after {wait:g}s; "
                 "not scanned twice at once", kind="Locked", started_at=started_at,
-                finished_at=clock())
+                finished_at=clock()), None
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+
+def _release_unstored(futures: Iterable[Future[tuple[ClusterResult, HeldLock | None]]]) -> None:
+    """The locks of results never stored (the run ended on an error first); releasing one
+    twice does nothing."""
+    for future in futures:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            _result, held = future.result()
+            if held is not None:
+                held.release()
 
 
 def _with_timings(result: ClusterResult, timings: dict[str, float]) -> ClusterResult:

@@ -20,14 +20,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import parse_qs, quote
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,6 +58,7 @@ SESSION_SECONDS = 12 * 3600
 OVERVIEW_DAYS = 90
 CLUSTER_DAYS = (30, 90, 180, 365)
 MAX_PERIOD_DAYS = 3660
+DOWNLOAD_THREADS = 8  # report downloads prepared at once (found, or rendered, and opened)
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")  # as in scanner.config
 _PERIOD_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})_(\d{4}-\d{2}-\d{2})\.(pdf|html)$")
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/assets/web.css"})
@@ -407,14 +410,21 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
             raise HTTPException(404, "no report of such a cluster")
         return RedirectResponse(f"/reports/cluster/{name}/{file}", 303)
 
-    def report_fleet(request: Request) -> Response:
-        return serve_report(request, None, request.path_params["file"])
+    # Downloads wait for renders and hold a report's data while hashing it: they get threads
+    # of their own, so a burst of them queues here instead of taking every worker thread
+    # from the pages and /healthz.
+    downloads = anyio.CapacityLimiter(DOWNLOAD_THREADS)
 
-    def report_cluster(request: Request) -> Response:
+    async def report_fleet(request: Request) -> Response:
+        return await anyio.to_thread.run_sync(serve_report, request, None,
+                                              request.path_params["file"], limiter=downloads)
+
+    async def report_cluster(request: Request) -> Response:
         name = request.path_params["name"]
         if not _NAME.match(name):
             raise HTTPException(404, "no report of such a cluster")
-        return serve_report(request, name, request.path_params["file"])
+        return await anyio.to_thread.run_sync(serve_report, request, name,
+                                              request.path_params["file"], limiter=downloads)
 
     def serve_report(request: Request, cluster_name: str | None, file: str) -> Response:
         match = _PERIOD_FILE.match(file)
@@ -437,11 +447,12 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
                    "x-felixscan-cache": "hit" if report.cached else "miss"}
         if fmt == "html":
             headers["content-security-policy"] = REPORT_CSP
-        return FileResponse(report.path, headers=headers,
-                            media_type="application/pdf" if fmt == "pdf"
-                            else "text/html; charset=utf-8",
-                            filename=f"felixscan-{scope}-{since}-{until}.{fmt}",
-                            content_disposition_type="attachment")
+        # The name is made of a cluster name (`_NAME`) and dates: nothing to quote.
+        headers["content-disposition"] = (
+            f'attachment; filename="felixscan-{scope}-{since}-{until}.{fmt}"')
+        return _OpenFileResponse(report.file, report.size, headers=headers,
+                                 media_type="application/pdf" if fmt == "pdf"
+                                 else "text/html; charset=utf-8")
 
     async def login(request: Request) -> Response:
         if not auth.enabled:
@@ -474,7 +485,9 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
 
     # --- health ----------------------------------------------------------------------------
 
-    def healthz(request: Request) -> Response:
+    async def healthz(request: Request) -> Response:
+        # On the event loop, not a worker thread: alive means answering, whatever the
+        # threads are busy with.
         return _json({"status": "ok"})
 
     def readyz(request: Request) -> Response:
@@ -594,6 +607,39 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
         HTTPException: http_error, StoreError: store_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
     return Guard(app, auth)
+
+
+class _OpenFileResponse(Response):
+    """A report's already open file (`CachedReport.file`), sent in chunks and then closed.
+
+    Not Starlette's FileResponse, which opens the file by name when it starts sending: by
+    then another download may have evicted that name from the cache.
+    """
+
+    chunk_size = 64 * 1024
+
+    def __init__(self, file: BinaryIO, size: int, *, headers: Mapping[str, str],
+                 media_type: str) -> None:
+        super().__init__(None, headers={**headers, "content-length": str(size)},
+                         media_type=media_type)
+        self.file = file
+        self.size = size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            left = 0 if scope["method"] == "HEAD" else self.size
+            while True:
+                chunk = await anyio.to_thread.run_sync(self.file.read,
+                                                       min(left, self.chunk_size))
+                left -= len(chunk)
+                more = bool(chunk) and left > 0
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                if not more:
+                    break
+        finally:
+            self.file.close()
 
 
 def _check_period(since: date, until: date, today: date) -> None:

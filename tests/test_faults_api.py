@@ -517,7 +517,7 @@ def test_hardening_doc_lists_every_fault_test() -> None:
     tests = Path(__file__).resolve().parent
     defined = set()
     for name in ("test_faults_api.py", "test_faults_nodes.py", "test_faults_db.py",
-                 "test_secrets.py"):
+                 "test_faults_concurrency.py", "test_web_load.py", "test_secrets.py"):
         tree = ast.parse((tests / name).read_text())
         defined |= {f.name for f in tree.body
                     if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}

@@ -114,7 +114,8 @@ def on_statement(match: str, action: Callable[[Any], None]) -> Iterator[list[int
 @pytest.mark.postgres
 def test_postgresql_connection_terminated_mid_scan(harness: Harness, pg_url: str) -> None:
     harness.cluster("a", ["closed"] * 3)
-    harness.cluster("b", ["closed"] * 2)
+    # Results are stored as they are ready: b answers late, so a is the first stored.
+    harness.cluster("b", ["closed"] * 2).emu.inject(r"daemonsets", delay=0.5)
     admin = pg_url.replace("+psycopg", "")
 
     def terminate(conn: Any) -> None:
