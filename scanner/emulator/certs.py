@@ -128,12 +128,30 @@ def make_self_signed(
     `not_after` in the past gives an expired certificate.
     """
     key = _new_key(key_type)
+    return issue(common_name, key=key, hosts=hosts, days=days, not_after=not_after), _key_pem(key)
+
+
+def issue(
+    common_name: str,
+    *,
+    key: PrivateKey,
+    hosts: Sequence[str],
+    issuer: x509.Name | None = None,
+    signer: PrivateKey | None = None,
+    days: int = 365,
+    not_after: datetime | None = None,
+) -> bytes:
+    """A server certificate (PEM) for `key`: self-signed unless `issuer`/`signer` are given.
+
+    Callers that need many certificates quickly (a fleet of TLS nodes) pass one shared key.
+    """
+    signer = signer or key
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     not_before, expires = _validity(days, not_after)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer or name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
@@ -141,10 +159,9 @@ def make_self_signed(
     )
     builder = _leaf_extensions(builder, key, hosts)
     builder = builder.add_extension(
-        x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
     )
-    cert = builder.sign(key, hashes.SHA256())
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def make_ca(
@@ -200,22 +217,9 @@ def make_signed(
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise TypeError("the CA key must be an EC or RSA key")
     key = _new_key(key_type)
-    not_before, expires = _validity(days, not_after)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(expires)
-    )
-    builder = _leaf_extensions(builder, key, hosts)
-    builder = builder.add_extension(
-        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-    )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    cert = issue(common_name, key=key, hosts=hosts, issuer=ca_cert.subject, signer=ca_key,
+                 days=days, not_after=not_after)
+    return cert, _key_pem(key)
 
 
 def write_pem_files(
