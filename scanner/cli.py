@@ -234,7 +234,7 @@ def summary_line(c: ClusterResult) -> str:
 def cmd_db(args: argparse.Namespace) -> int:
     from scanner.store import Store, redact_url
 
-    settings = _db_settings(args)
+    settings = database_url(args)
     if args.db_command == "prune":
         return _prune(args, settings)
     with Store(settings) as store:
@@ -268,7 +268,7 @@ def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from reports import build_report
     from scanner.store import Store
 
-    with Store(_db_settings(args)) as store:
+    with Store(database_url(args)) as store:
         store.check_readable()
         info = build_report(store, clusters=args.cluster, since=args.since, until=args.until,
                             fmt=args.format, out=args.out, pdf_variant=args.pdf_variant)
@@ -316,11 +316,6 @@ def _prune(args: argparse.Namespace, url: str) -> int:
 
 
 def database_url(args: argparse.Namespace) -> str:
-    """The database URL without requiring clusters: --db, $FELIXSCAN_DB, the file, the default."""
-    return _db_settings(args)
-
-
-def _db_settings(args: argparse.Namespace) -> str:
     """The database URL without requiring clusters: --db, $FELIXSCAN_DB, the file, the default."""
     if args.db:
         return str(args.db)
