@@ -196,13 +196,22 @@ def cluster_json(c: ClusterResult) -> dict[str, Any]:
         "status": c.status,
         "install": c.install,
         "declared": {"enabled": declared.enabled, "source": declared.source,
-                     "port": declared.port} if declared else
-        {"enabled": None, "source": None, "port": None},
+                     "port": declared.port, "host": declared.host}
+        if declared else {"enabled": None, "source": None, "port": None, "host": None},
+        "declared_detail": {"loopback_only": declared.loopback_only,
+                            "random_port": declared.random_port, "tls": declared.tls,
+                            "client_auth": declared.client_auth,
+                            "felix_version": declared.felix_version,
+                            "reason": declared.reason} if declared else None,
         "nodes": [{"name": n.node, "address": n.address, "port": n.port,
                    "state": n.probe.state, "protocol": n.probe.protocol, "felix": n.probe.felix,
                    "verdict": n.verdict, "declared_enabled": n.declared.enabled,
-                   "declared_source": n.declared.source, "pod_current": n.pod_current,
-                   "error": n.probe.error} for n in c.nodes],
+                   "declared_source": n.declared.source, "declared_host": n.declared.host,
+                   "declared_reason": n.declared.reason, "pod": n.declared.pod,
+                   "pod_current": n.pod_current, "error": n.probe.error,
+                   "addresses": [{"address": p.address, "state": p.state,
+                                  "protocol": p.protocol, "felix": p.felix}
+                                 for p in n.probes]} for n in c.nodes],
         "findings": [{"id": f.id, "severity": f.severity, "node": f.node, "message": f.message}
                      for f in c.findings],
         "error": c.error,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import configparser
 import hashlib
 import json
 import logging
@@ -30,21 +29,26 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from scanner.calico import (
-    CERT_FILE,
+    ANNOTATION_PREFIX,
     CONFIG_FILE,
-    ENABLED,
-    PORT,
+    DATASTORE_VARS,
+    PARAMS,
+    SPEC_FIELDS,
+    FelixInputs,
+    api_group,
+    discovered_group,
     felix_param,
-    parse_bool,
-    parse_port,
+    node_labels,
 )
 from scanner.config import ClusterSettings
 from scanner.errors import ApiError, ApiForbidden, ApiUnreachable, CalicoNotFound, ClusterError
+from scanner.felix_params import ConfigFileError, load_config_file, parse_value
 from scanner.records import (
     ClusterSnapshot,
     ConfigFile,
     EnvVar,
     FelixConfig,
+    FelixConfigSet,
     Install,
     Installation,
     Node,
@@ -365,21 +369,23 @@ def _collect(settings: ClusterSettings, api: Api, started: float) -> ClusterSnap
         names = ", ".join(str(c.get("name")) for c in pod_spec.get("containers") or [])
         raise CalicoNotFound(f"DaemonSet {namespace}/{meta.get('name')} has no container "
                              f"{settings.calico.container!r} (it has: {names or 'none'})")
-    env = _resolve_env(api, namespace, container)
-    config_file = _config_file(api, namespace, container, pod_spec)
-    felix_configs, felix_crd = _felix_configs(api)
-    selector = ((spec.get("selector") or {}).get("matchLabels")) or {}
-    label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-    rollout = _rollout(api, ds, namespace, label_selector)
-    pods = _pods(api, namespace, label_selector, meta.get("uid"))
+    readers = _PodReaders(api, namespace)
+    template = readers.inputs(container, pod_spec)
+    revisions = _newest_revisions(api, namespace)
+    rollout = _rollout(ds, revisions.get(str(meta.get("uid"))))
+    pods = _pods(api, namespace, settings.calico.container, readers, revisions)
     nodes = _nodes(api)
+    groups = {api_group(env, "") for env in [template.env, *(p.env for p in pods if p.env)]}
+    discovered = _discover_group(api)
+    felix_sets = {g: _felix_configs(api, g) for g in sorted((groups - {""}) | {discovered})}
+    main = felix_sets[discovered]
     return ClusterSnapshot(
         cluster=settings.name, install=install, namespace=namespace,
         daemonset=str(meta.get("name")), container=settings.calico.container,
-        image=_name(container.get("image"), 1000), env=env, config_file=config_file,
-        felix_configs=felix_configs, felix_crd=felix_crd, installation=installation,
+        image=template.image, env=template.env, config_file=template.config_file,
+        felix_configs=main.configs, felix_crd=main.error is None, installation=installation,
         rollout=rollout, pods=pods, nodes=nodes, collected_at=datetime.now(UTC),
-        api_seconds=time.monotonic() - started)
+        api_seconds=time.monotonic() - started, felix_sets=felix_sets, felix_group=discovered)
 
 
 def _find_daemonset(settings: ClusterSettings, api: Api, *, operator: bool
@@ -461,24 +467,70 @@ class _Objects:
         return {str(k): str(v) for k, v in data.items()}
 
 
-def _secret_stand_in(param: str, value: str) -> str:
-    """What is kept of a Secret value: its meaning for Felix, never its text."""
-    if param.endswith("enabled"):
-        parsed, valid = parse_bool(value)
-        return str(parsed).lower() if valid else "<redacted>"
-    if param.endswith("port"):
-        port, valid = parse_port(value)
-        return str(port) if valid else "<redacted>"
-    return "<set>" if value else ""
+def _secret_stand_in(name: str, value: str) -> str:
+    """What is kept of a Secret value: its meaning for Felix, never its text.
+
+    `name` is the Felix parameter (lower-cased) or another variable Felix's datastore
+    settings read. Empty stays empty: Felix drops it, so the next source decides.
+    """
+    if not value:
+        return ""
+    if name in PARAMS:
+        parsed, valid = parse_value(name, value)
+        if not valid:
+            return "<redacted>"
+        if isinstance(parsed, bool):
+            return str(parsed).lower()
+        if isinstance(parsed, int):
+            return str(parsed)
+        return "none" if not parsed else "<set>"
+    return value if value.lower() in ("kubernetes", "etcdv3", "crd.projectcalico.org/v1",
+                                      "projectcalico.org/v3") else "<set>"
 
 
-def _resolve_env(api: Api, namespace: str, container: Mapping[str, Any]) -> tuple[EnvVar, ...]:
+def _relevant(env_name: str) -> str | None:
+    """The name under which a variable matters to the metrics decision, or None."""
+    param = felix_param(env_name)
+    if param is not None and param.startswith(_RELEVANT):
+        return param
+    return env_name.lower() if env_name.upper() in DATASTORE_VARS else None
+
+
+class _PodReaders:
+    """Reads what Felix sees in a calico-node container: env, config file, image.
+
+    Pods of one revision share a spec, so each distinct container spec is read once and every
+    pod of it gets the same records (cheap on thousands of nodes).
+    """
+
+    def __init__(self, api: Api, namespace: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.objects = _Objects(api, namespace)
+        self.cache: dict[str, FelixInputs] = {}
+
+    def inputs(self, container: Mapping[str, Any], pod_spec: Mapping[str, Any]) -> FelixInputs:
+        key = json.dumps([container.get("env"), container.get("envFrom"),
+                          container.get("volumeMounts"), container.get("image"),
+                          pod_spec.get("volumes")], sort_keys=True, default=str)
+        found = self.cache.get(key)
+        if found is None:
+            found = FelixInputs(
+                env=_resolve_env(self.objects, self.namespace, container),
+                config_file=_config_file(self.objects, self.namespace, container, pod_spec),
+                image=_name(container.get("image"), 1000))
+            self.cache[key] = found
+        return found
+
+
+def _resolve_env(objects: _Objects, namespace: str,
+                 container: Mapping[str, Any]) -> tuple[EnvVar, ...]:
     """The container's Felix metrics variables with Kubernetes' own semantics.
 
     envFrom first, then env (later entries win); `$(VAR)` references expanded; ConfigMap and
-    Secret references read. Only `felix_prometheusmetrics*` variables are kept.
+    Secret references read. Only `felix_prometheusmetrics*` variables and those that choose
+    Felix's datastore are kept.
     """
-    objects = _Objects(api, namespace)
     resolved: dict[str, EnvVar] = {}
     plain: dict[str, str] = {}  # every literal value, for $(VAR) expansion
 
@@ -497,7 +549,7 @@ def _resolve_env(api: Api, namespace: str, container: Mapping[str, Any]) -> tupl
                 if denied:
                     # It may set any variable: each Felix parameter we read that its prefix
                     # can still spell is unknown (optional or not: it exists, we cannot see it).
-                    for read in (ENABLED, PORT, CERT_FILE):
+                    for read in PARAMS:
                         full = f"FELIX_{read.upper()}"
                         if full.lower().startswith(prefix.lower()):
                             env_name = prefix + full[len(prefix):]
@@ -511,10 +563,10 @@ def _resolve_env(api: Api, namespace: str, container: Mapping[str, Any]) -> tupl
                 continue
             for key, value in data.items():
                 env_name = prefix + key
-                param = felix_param(env_name)
+                param = _relevant(env_name)
                 if what == "configmap":
                     plain[env_name] = value
-                if param and param.startswith(_RELEVANT):
+                if param:
                     redacted = what == "secret"
                     resolved[env_name] = EnvVar(
                         name=env_name, origin=f"{origin}[{key}]", redacted=redacted,
@@ -523,8 +575,8 @@ def _resolve_env(api: Api, namespace: str, container: Mapping[str, Any]) -> tupl
         if not isinstance(entry, dict) or "name" not in entry:
             continue
         env_name = str(entry["name"])
-        param = felix_param(env_name)
-        relevant = bool(param and param.startswith(_RELEVANT))
+        param = _relevant(env_name)
+        relevant = param is not None
         if "valueFrom" not in entry:
             value = _expand(str(entry.get("value", "")), plain)
             plain[env_name] = value
@@ -586,7 +638,7 @@ def _expand(value: str, known: Mapping[str, str]) -> str:
 # --- the config file -----------------------------------------------------------------------
 
 
-def _config_file(api: Api, namespace: str, container: Mapping[str, Any],
+def _config_file(objects: _Objects, namespace: str, container: Mapping[str, Any],
                  pod_spec: Mapping[str, Any]) -> ConfigFile:
     """Whether a volume replaces /etc/calico/felix.cfg, and what it says when we can read it."""
     mount = None
@@ -617,7 +669,6 @@ def _config_file(api: Api, namespace: str, container: Mapping[str, Any],
                 if item.get("path") == rel:
                     key = str(item.get("key"))
         origin = f"{what} {namespace}/{name}[{key}]"
-        objects = _Objects(api, namespace)
         data = objects.data(what, name)
         if data is None:
             return ConfigFile(known=False, values={}, origin=origin,
@@ -625,9 +676,12 @@ def _config_file(api: Api, namespace: str, container: Mapping[str, Any],
                               or f"{what} {namespace}/{name} is not readable by the scanner")
         if key not in data:
             return ConfigFile(known=True, values={}, origin=f"{origin} (absent)")
-        values = _parse_felix_cfg(data[key])
+        try:
+            values = _parse_felix_cfg(data[key])
+        except ConfigFileError as exc:
+            return ConfigFile(known=True, values={}, origin=origin, invalid=str(exc)[:300])
         if what == "secret":
-            values = {k: _secret_stand_in(k, v) for k, v in values.items()}
+            values = {k: _secret_stand_in(k.lower(), v) for k, v in values.items()}
         return ConfigFile(known=True, values=values, origin=origin)
     kind = next((k for k in volume if k != "name"), "unknown")
     return ConfigFile(known=False, values={}, origin=f"{kind} volume {volume.get('name')}",
@@ -636,66 +690,84 @@ def _config_file(api: Api, namespace: str, container: Mapping[str, Any],
 
 
 def _parse_felix_cfg(text: str) -> dict[str, str]:
-    parser = configparser.ConfigParser(interpolation=None, strict=False)
-    try:
-        parser.read_string(text)
-    except configparser.Error:
-        return {}
-    out: dict[str, str] = {}
-    for section in parser.sections():
-        if section.lower() == "global":
-            for key, value in parser.items(section):
-                if key.lower().startswith(_RELEVANT):
-                    out[key.lower()] = value
-    return out
+    """The keys of felix.cfg that matter here, as Felix's loader reads the file: every section
+    merged by gopkg.in/ini.v1 (felix/config/file_loader.go `LoadConfigFileData`)."""
+    return {k: v for k, v in load_config_file(text).items()
+            if k.lower().startswith(_RELEVANT) or k.lower() in ("datastoretype",
+                                                               "etcdendpoints", "etcdaddr")}
 
 
 # --- FelixConfiguration, rollout, pods, nodes ------------------------------------------------
 
 
-def _felix_configs(api: Api) -> tuple[tuple[FelixConfig, ...], bool]:
-    items = api.list("LIST felixconfigurations.crd.projectcalico.org",
-                     api.custom.list_cluster_custom_object, "crd.projectcalico.org", "v1",
-                     "felixconfigurations")
+def _discover_group(api: Api) -> str:
+    """Which group Felix reads FelixConfiguration from when nothing names one: libcalico-go
+    asks the server's API groups (discovery.go `UsingV3CRDs`)."""
+    doc = api.get("GET /apis", k8s_client.ApisApi(api.client).get_api_versions)
+    groups = [str(g.get("name")) for g in (doc or {}).get("groups") or []
+              if isinstance(g, dict)]
+    return discovered_group(groups)
+
+
+def _felix_configs(api: Api, group: str) -> FelixConfigSet:
+    """Every FelixConfiguration of `group`, or why they cannot be known.
+
+    On the Kubernetes datastore Felix needs the resource: a group that does not serve it, or
+    that the scanner may not read, leaves the datastore's values unknown, never "none set".
+    """
+    name, version = group.split("/")
+    what = f"LIST felixconfigurations.{name}"
+    try:
+        items = api.list(what, api.custom.list_cluster_custom_object, name, version,
+                         "felixconfigurations")
+    except ApiForbidden as exc:
+        return FelixConfigSet(group=group, error=f"{what}: {exc}")
     if items is None:
-        return (), False  # the CRD is not installed: normal, every value comes from elsewhere
+        return FelixConfigSet(group=group, error=(
+            f"FelixConfiguration is not served in {group}, the API group Felix reads; on the "
+            "Kubernetes datastore Felix needs it, so its values there are unknown"))
     configs = []
     for item in items:
         meta = item.get("metadata") or {}
         spec = item.get("spec") or {}
-        enabled = spec.get("prometheusMetricsEnabled")
-        port = spec.get("prometheusMetricsPort")
+        if not isinstance(spec, dict):
+            spec = {}
         notes = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()
-                 if str(k).lower().startswith("config.projectcalico.org/")}
+                 if str(k).startswith(ANNOTATION_PREFIX)}
+        selector = spec.get("nodeSelector")
         configs.append(FelixConfig(
-            name=str(meta.get("name")),
-            enabled=enabled if isinstance(enabled, bool) else None,
-            port=port if isinstance(port, int) and not isinstance(port, bool) else None,
+            name=_printable(str(meta.get("name"))),
+            spec={k: v for k, v in spec.items() if k in SPEC_FIELDS},
             annotations=notes,
-            node_selector=spec.get("nodeSelector") or None,
-            created=str(meta.get("creationTimestamp") or ""),
-            cert_file=spec.get("prometheusMetricsCertFile") or None))
-    return tuple(sorted(configs, key=lambda c: c.name)), True
+            node_selector=str(selector) if selector else None,
+            created=str(meta.get("creationTimestamp") or "")))
+    return FelixConfigSet(group=group, configs=tuple(sorted(configs, key=lambda c: c.name)))
 
 
-def _rollout(api: Api, ds: Mapping[str, Any], namespace: str, selector: str) -> Rollout:
+def _newest_revisions(api: Api, namespace: str) -> dict[str, str]:
+    """The controller-revision-hash of each DaemonSet's newest ControllerRevision, by its uid."""
+    revisions = api.list(f"LIST controllerrevisions in {namespace}",
+                         api.apps.list_namespaced_controller_revision, namespace)
+    best: dict[str, tuple[int, str]] = {}
+    for rev in revisions or []:
+        rmeta = rev.get("metadata") or {}
+        number = rev.get("revision")
+        if not isinstance(number, int):
+            continue
+        digest = (rmeta.get("labels") or {}).get("controller-revision-hash") \
+            or str(rmeta.get("name", "")).rsplit("-", 1)[-1]
+        for owner in rmeta.get("ownerReferences") or []:
+            uid = str(owner.get("uid"))
+            if owner.get("kind") == "DaemonSet" and number > best.get(uid, (-1, ""))[0]:
+                best[uid] = (number, str(digest))
+    return {uid: digest for uid, (_n, digest) in best.items()}
+
+
+def _rollout(ds: Mapping[str, Any], current: str | None) -> Rollout:
     meta = ds.get("metadata") or {}
     status = ds.get("status") or {}
     strategy = ((ds.get("spec") or {}).get("updateStrategy")) or {}
     max_unavailable = (strategy.get("rollingUpdate") or {}).get("maxUnavailable")
-    current = None
-    revisions = api.list(f"LIST controllerrevisions in {namespace}",
-                         api.apps.list_namespaced_controller_revision, namespace,
-                         label_selector=selector or None)
-    best = -1
-    for rev in revisions or []:
-        rmeta = rev.get("metadata") or {}
-        owned = any(o.get("uid") == meta.get("uid") for o in rmeta.get("ownerReferences") or [])
-        number = rev.get("revision")
-        if owned and isinstance(number, int) and number > best:
-            best = number
-            current = (rmeta.get("labels") or {}).get("controller-revision-hash") \
-                or str(rmeta.get("name", "")).rsplit("-", 1)[-1]
     return Rollout(
         generation=int(meta.get("generation") or 0),
         observed_generation=int(status.get("observedGeneration") or 0),
@@ -708,23 +780,36 @@ def _rollout(api: Api, ds: Mapping[str, Any], namespace: str, selector: str) -> 
         max_unavailable=None if max_unavailable is None else str(max_unavailable))
 
 
-def _pods(api: Api, namespace: str, selector: str, ds_uid: str | None) -> tuple[Pod, ...]:
-    items = api.list(f"LIST pods in {namespace}", api.core.list_namespaced_pod, namespace,
-                     label_selector=selector or None)
+def _pods(api: Api, namespace: str, container: str, readers: _PodReaders,
+          revisions: Mapping[str, str]) -> tuple[Pod, ...]:
+    """Every pod of the namespace that runs the calico-node container, whoever owns it, each
+    with the env and config file of its own spec (an old revision runs its old env)."""
+    items = api.list(f"LIST pods in {namespace}", api.core.list_namespaced_pod, namespace)
     pods = []
     for item in items or []:
         meta = item.get("metadata") or {}
-        owners = meta.get("ownerReferences") or []
-        if ds_uid and owners and not any(o.get("uid") == ds_uid for o in owners):
+        spec = item.get("spec") or {}
+        felix = next((c for c in spec.get("containers") or []
+                      if isinstance(c, dict) and c.get("name") == container), None)
+        if felix is None:
             continue
+        owner = next((o for o in meta.get("ownerReferences") or []
+                      if o.get("kind") == "DaemonSet"), None)
+        revision = (meta.get("labels") or {}).get("controller-revision-hash")
+        newest = revisions.get(str(owner.get("uid"))) if owner else None
         status = item.get("status") or {}
         ready = any(c.get("type") == "Ready" and c.get("status") == "True"
                     for c in status.get("conditions") or [])
-        pods.append(Pod(name=str(meta.get("name")),
-                        node=_name((item.get("spec") or {}).get("nodeName")),
+        inputs = readers.inputs(felix, spec)
+        pods.append(Pod(name=_printable(str(meta.get("name"))),
+                        node=_name(spec.get("nodeName")),
                         phase=str(status.get("phase") or "Unknown"),
-                        revision=(meta.get("labels") or {}).get("controller-revision-hash"),
-                        ready=ready))
+                        revision=revision, ready=ready,
+                        owner=_name(owner.get("name")) if owner else None,
+                        current=None if newest is None or revision is None
+                        else revision == newest,
+                        env=inputs.env, config_file=inputs.config_file, image=inputs.image,
+                        terminating=bool(meta.get("deletionTimestamp"))))
     return tuple(pods)
 
 
@@ -746,6 +831,8 @@ def _nodes(api: Api) -> tuple[Node, ...]:
                 ready = cond.get("status") == "True"
         addresses = tuple((_printable(str(a.get("type")), 64), _printable(str(a.get("address"))))
                           for a in status.get("addresses") or [] if a.get("address"))
+        labels = node_labels({str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
+                             {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()})
         nodes.append(Node(name=_printable(str(meta.get("name"))), addresses=addresses, ready=ready,
-                          labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()}))
+                          labels=labels or {}))
     return tuple(nodes)

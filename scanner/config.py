@@ -39,7 +39,10 @@ class CalicoSettings:
 class ProbeConfig:
     """How nodes are probed."""
 
-    address_type: str = "InternalIP"  # which Node.status.addresses entry to knock on
+    address_type: str = "InternalIP"  # which Node.status.addresses entries to knock on
+    # Every address of these types is probed (both families: Felix binds `:port`); the YAML
+    # key `address_type` takes one type or a list, e.g. [InternalIP, ExternalIP].
+    address_types: tuple[str, ...] = ("InternalIP",)
     timeout_seconds: float = 2.0  # TCP connect timeout; TLS and HTTP get their own below
     tls_timeout_seconds: float = 3.0
     http_timeout_seconds: float = 5.0  # deadline for the whole GET /metrics
@@ -434,10 +437,16 @@ class _Reader:
     def probe(self, value: object, key: str) -> ProbeConfig:
         item = self.mapping(value, key, ("address_type", "timeout_seconds", "tls_timeout_seconds",
                                          "http_timeout_seconds", "concurrency", "extra_ports"))
-        address_type = item.get("address_type", "InternalIP")
-        if address_type not in ADDRESS_TYPES:
-            raise self.fail(f"{key}.address_type",
-                            f"expected one of {', '.join(ADDRESS_TYPES)}, got {address_type!r}")
+        raw_types = item.get("address_type", "InternalIP")
+        types = raw_types if isinstance(raw_types, list) else [raw_types]
+        for i, address_type in enumerate(types):
+            if address_type not in ADDRESS_TYPES:
+                where = f"{key}.address_type" + (f"[{i}]" if isinstance(raw_types, list) else "")
+                raise self.fail(where, f"expected one of {', '.join(ADDRESS_TYPES)} (or a "
+                                f"list of them), got {address_type!r}")
+        if not types:
+            raise self.fail(f"{key}.address_type", "expected at least one address type")
+        address_types = tuple(dict.fromkeys(types))
         ports_raw = item.get("extra_ports", [])
         if not isinstance(ports_raw, list):
             raise self.fail(f"{key}.extra_ports",
@@ -445,7 +454,7 @@ class _Reader:
         ports = tuple(self.integer(p, f"{key}.extra_ports[{i}]", low=1, high=65535)
                       for i, p in enumerate(ports_raw))
         return ProbeConfig(
-            address_type=address_type,
+            address_type=address_types[0], address_types=address_types,
             timeout_seconds=self.number(item.get("timeout_seconds", 2.0),
                                         f"{key}.timeout_seconds", low=0.05, high=120),
             tls_timeout_seconds=self.number(item.get("tls_timeout_seconds", 3.0),

@@ -103,6 +103,7 @@ class ClusterScan(Base):
     declared_enabled: Mapped[bool | None] = mapped_column(Boolean)
     declared_source: Mapped[str | None] = mapped_column(Text)
     declared_port: Mapped[int | None] = mapped_column(Integer)
+    declared_host: Mapped[str | None] = mapped_column(String(255))  # "" = every interface
     error: Mapped[str | None] = mapped_column(Text)
     nodes_total: Mapped[int] = mapped_column(Integer, default=0)
     nodes_pass: Mapped[int] = mapped_column(Integer, default=0)
@@ -159,6 +160,10 @@ class NodeProbe(Base):
     error: Mapped[str | None] = mapped_column(Text)
     connect_ms: Mapped[float | None] = mapped_column(Float)
     duration_ms: Mapped[float | None] = mapped_column(Float)
+    # Every address probed on the port when the node has more than one (both families), each
+    # {address, state, protocol, felix, error}; the columns above hold the one that decided.
+    addresses: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    declared_host: Mapped[str | None] = mapped_column(String(255))
 
     cluster_scan: Mapped[ClusterScan] = relationship(back_populates="probes")
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from scanner.calico import SELECTOR_SINCE, felix_version, selector_problems
 from scanner.findings import RULES, remediation_for
 from scanner.records import (
     ClusterResult,
@@ -20,6 +21,7 @@ from scanner.records import (
     Finding,
     Install,
     NodeResult,
+    Pod,
     ProbeResult,
     ProbeTarget,
     Verdict,
@@ -30,16 +32,30 @@ _EVIDENCE_NODES = 50  # cluster-level findings list at most this many node names
 
 
 def probe_targets(snapshot: ClusterSnapshot, declared: Mapping[str, Declared], *,
-                  address_type: str, extra_ports: Sequence[int] = ()) -> list[ProbeTarget]:
-    """Every node on its effective port, then on each extra port."""
+                  address_type: str | Sequence[str] = "InternalIP",
+                  extra_ports: Sequence[int] = ()) -> list[ProbeTarget]:
+    """Every address of the wanted types of every node (both families: Felix binds `:port`, every
+    interface), on the node's effective port, then on each extra port. A node with no such
+    address gets one target without an address; a random port (0) is not aimed at."""
+    types = (address_type,) if isinstance(address_type, str) else tuple(address_type)
     targets: list[ProbeTarget] = []
     for node in snapshot.nodes:
-        address = node.address(address_type)
-        port = declared[node.name].port
-        targets.append(ProbeTarget(node=node.name, address=address, port=port))
-        targets.extend(ProbeTarget(node=node.name, address=address, port=p)
-                       for p in extra_ports if p != port)
+        addresses: list[str | None] = list(dict.fromkeys(
+            addr for typ, addr in node.addresses if typ in types)) or [None]
+        ports = [p for p in (declared[node.name].port, *extra_ports) if p]
+        for address in addresses:
+            targets.extend(ProbeTarget(node=node.name, address=address, port=p)
+                           for p in dict.fromkeys(ports))
     return targets
+
+
+# Which of a node's probes on one port speaks for it: an answer beats not knowing, which
+# beats a silence, which beats a refusal (a node passes only if no address answers).
+_STATE_RANK = {"open": 0, "error": 1, "unreachable": 2, "filtered": 3, "closed": 4}
+
+
+def deciding_probe(probes: Sequence[ProbeResult]) -> ProbeResult:
+    return min(probes, key=lambda p: (_STATE_RANK[p.state], p.felix is not True))
 
 
 def node_verdict(declared: Declared, probe: ProbeResult, *, ready: bool | None) -> Verdict:
@@ -83,7 +99,10 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
     by_node: dict[str, list[ProbeResult]] = defaultdict(list)
     for probe in probes:
         by_node[probe.node].append(probe)
-    pods = {p.node: p for p in snapshot.pods if p.node}
+    pods: dict[str, list[Pod]] = defaultdict(list)
+    for p in snapshot.pods:
+        if p.node and p.phase not in ("Succeeded", "Failed"):
+            pods[p.node].append(p)
     current = snapshot.rollout.current_revision
     findings: list[Finding] = []
 
@@ -93,27 +112,41 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
     results: list[NodeResult] = []
     stale: list[str] = []
     self_signed: list[str] = []
+    loopback: list[str] = []
+    random_port: list[str] = []
     for node in snapshot.nodes:
         d = declared[node.name]
         node_probes = by_node.get(node.name, [])
-        main = next((p for p in node_probes if p.port == d.port), None)
-        if main is None:
-            main = ProbeResult(node=node.name, address=node.address("InternalIP"), port=d.port,
-                               state="error", error="node was not probed")
-        pod = pods.get(node.name)
-        pod_current = None if pod is None or current is None or pod.revision is None \
-            else pod.revision == current
+        on_port = [p for p in node_probes if p.port == d.port]
+        if d.random_port:
+            on_port = [ProbeResult(node=node.name, address=node.address("InternalIP"), port=0,
+                                   state="error", error="PrometheusMetricsPort is 0: Felix "
+                                   "binds a random port, which no probe can aim at")]
+            random_port.append(node.name)
+        elif not on_port:
+            on_port = [ProbeResult(node=node.name, address=node.address("InternalIP"),
+                                   port=d.port, state="error", error="node was not probed")]
+        main = deciding_probe(on_port)
+        node_pods = sorted(pods.get(node.name, []), key=lambda p: p.name)
+        pod = next((p for p in node_pods if p.name == d.pod), node_pods[0] if node_pods else None)
+        currents = [_pod_current(p, current) for p in node_pods]
+        pod_current = (False if False in currents else None if None in currents or not currents
+                       else True)
         if pod_current is False:
             stale.append(node.name)
+        if d.enabled and d.loopback_only:
+            loopback.append(node.name)
         verdict = node_verdict(d, main, ready=node.ready)
         results.append(NodeResult(node=node.name, address=main.address, port=d.port,
                                   declared=d, probe=main, pod_current=pod_current,
-                                  verdict=verdict))
+                                  verdict=verdict, probes=tuple(on_port)))
         evidence = _probe_evidence(main)
+        if len(on_port) > 1:
+            evidence["addresses"] = [{"address": p.address, "state": p.state} for p in on_port]
         if main.state == "open":
             if main.felix:
                 add("FELIX-PORT-REACHABLE",
-                    f"Felix metrics are served on {main.address}:{main.port} "
+                    f"Felix metrics are served on {_hostport(main)} "
                     f"over {main.protocol or 'tcp'} without authentication", node=node.name,
                     evidence=evidence)
                 if main.tls and main.tls.self_signed:
@@ -125,8 +158,10 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
                     f"Port {main.port} on {main.address} is open, served by {what}",
                     node=node.name, evidence=evidence)
             if d.enabled is False:
-                cause = ("its calico-node pod still runs an old template revision"
-                         if pod_current is False else
+                old = next((p for p, c in zip(node_pods, currents, strict=True) if c is False),
+                           None)
+                cause = (f"calico-node pod {old.name} still runs an old template revision"
+                         if old is not None else
                          "no calico-node pod runs there" if pod is None else
                          "the listener is not Felix" if main.felix is False else
                          "the running Felix does not match the declared configuration")
@@ -135,12 +170,14 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
                     node=node.name,
                     evidence={**evidence, "declared_source": d.source,
                               "pod": pod.name if pod else None, "pod_revision": pod.revision
-                              if pod else None, "current_revision": current})
+                              if pod else None, "current_revision": current,
+                              "pods": [p.name for p in node_pods]})
         elif d.enabled and main.state in ("closed", "filtered"):
             add("DRIFT-ENABLED-BUT-CLOSED",
                 f"Declared enabled ({d.source}), but port {d.port} is {main.state} from the "
-                "scanner: hidden, yet non-compliant in configuration", node=node.name,
-                evidence={**evidence, "declared_source": d.source})
+                "scanner: hidden, yet non-compliant in configuration"
+                + (f" (bound to {d.host} only)" if d.loopback_only else ""), node=node.name,
+                evidence={**evidence, "declared_source": d.source, "host": d.host})
         if verdict == "unknown" and d.enabled is not None:
             reason = main.error or (
                 "port filtered on a node that is not Ready" if main.state == "filtered"
@@ -148,13 +185,36 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
             add("NODE-NOT-VERIFIED", f"Node could not be verified: {reason}", node=node.name,
                 evidence={**evidence, "ready": node.ready})
         if pod is None:
-            add("NODE-NO-CALICO-POD", "No calico-node pod runs on this node", node=node.name,
-                evidence={"ready": node.ready})
+            add("NODE-NO-CALICO-POD", "No calico-node pod runs on this node; its declared "
+                "state is what the DaemonSet template would run, and the port was still probed",
+                node=node.name, evidence={"ready": node.ready})
         for extra in node_probes:
             if extra.port != d.port and extra.state == "open":
                 add("EXTRA-PORT-OPEN", f"Extra port {extra.port} is open on {extra.address}",
                     node=node.name, evidence=_probe_evidence(extra))
 
+    if loopback:
+        add("FELIX-METRICS-LOOPBACK-ONLY",
+            f"Felix metrics are enabled but bound to loopback only on {len(loopback)} node(s): "
+            "not reachable from the network, still enabled in configuration",
+            evidence={"host": declared[loopback[0]].host, **_names(loopback)})
+    if random_port:
+        add("FELIX-METRICS-RANDOM-PORT",
+            f"PrometheusMetricsPort is 0 on {len(random_port)} node(s): Felix binds a random "
+            "port, so the probe cannot check it",
+            evidence={"enabled": sorted({str(declared[n].enabled) for n in random_port}),
+                      **_names(random_port)})
+    for problem in selector_problems(snapshot):
+        add("FELIX-CONFIG-SELECTOR-INVALID",
+            f"FelixConfiguration {problem.config} has a nodeSelector Felix cannot parse "
+            f"({problem.message}); Felix drops this resource, the others still apply",
+            evidence={"config": problem.config, "selector": problem.selector})
+    ignored = _ignored_selectors(snapshot)
+    if ignored:
+        add("FELIX-CONFIG-SELECTOR-IGNORED",
+            f"Selector-scoped FelixConfiguration(s) {', '.join(ignored['configs'])} are "
+            f"ignored by calico-node {', '.join(ignored['versions'])} (supported from v3.32)",
+            evidence=ignored)
     _config_findings(snapshot, declared, add)
     if not snapshot.rollout.complete or stale:
         r = snapshot.rollout
@@ -179,6 +239,30 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
                          finished_at=finished_at, snapshot=snapshot, timings=dict(timings or {}))
 
 
+def _pod_current(pod: Pod, current: str | None) -> bool | None:
+    if pod.current is not None:
+        return pod.current
+    return None if current is None or pod.revision is None else pod.revision == current
+
+
+def _hostport(probe: ProbeResult) -> str:
+    address = probe.address or "?"
+    return f"[{address}]:{probe.port}" if ":" in address else f"{address}:{probe.port}"
+
+
+def _ignored_selectors(snapshot: ClusterSnapshot) -> dict[str, list[str]]:
+    """Selector-scoped resources next to calico-node images older than v3.32, which ignore
+    them (the feature arrived in v3.32.0)."""
+    scoped = [c.name for c in snapshot.felix_configs if c.node_selector and c.name != "default"
+              and not c.name.startswith("node.")]
+    if not scoped:
+        return {}
+    images = {p.image or snapshot.image for p in snapshot.pods} or {snapshot.image}
+    old = sorted({".".join(map(str, v)) for v in (felix_version(i) for i in images)
+                  if v is not None and v < SELECTOR_SINCE})
+    return {"configs": scoped, "versions": [f"v{v}" for v in old]} if old else {}
+
+
 def _config_findings(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
                      add: Any) -> None:
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -194,7 +278,8 @@ def _config_findings(snapshot: ClusterSnapshot, declared: Mapping[str, Declared]
         d = details[(kind, source)]
         scope = "all nodes" if len(nodes) == total else f"{len(nodes)} of {total} nodes"
         evidence = {"source": source, "raw": d.raw, "port": d.port, "port_source": d.port_source,
-                    **_names(nodes)}
+                    "host": d.host, "tls": d.tls, "client_auth": d.client_auth,
+                    "felix_version": d.felix_version, **_names(nodes)}
         if kind == "enabled":
             add("FELIX-METRICS-ENABLED",
                 f"Felix metrics enabled on port {d.port} by {source} ({scope})",
@@ -202,7 +287,10 @@ def _config_findings(snapshot: ClusterSnapshot, declared: Mapping[str, Declared]
                 remediation=remediation_for("FELIX-METRICS-ENABLED", install=snapshot.install,
                                             source=source, namespace=snapshot.namespace,
                                             daemonset=snapshot.daemonset,
-                                            container=snapshot.container))
+                                            container=snapshot.container,
+                                            operator_port=snapshot.installation is not None
+                                            and snapshot.installation.node_metrics_port
+                                            is not None))
         elif kind == "unknown":
             add("FELIX-CONFIG-UNRESOLVED",
                 f"Declared state unknown for {scope}: {d.reason}", evidence=evidence)

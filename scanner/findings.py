@@ -83,6 +83,23 @@ RULES: dict[str, Rule] = {
              "The declared metrics setting could not be determined",
              "Make the winning source readable to the scanner (grant get on the ConfigMap or "
              "Secret named in the evidence, fix the reference or the selector), then scan again."),
+        Rule("FELIX-METRICS-LOOPBACK-ONLY", "low",
+             "Felix metrics are enabled but bound to a loopback address only",
+             "Loopback binding (PrometheusMetricsHost) keeps the port off the network, but any "
+             "process on the node can read it and the control requires it disabled: disable the "
+             "endpoint (FELIX-METRICS-ENABLED)."),
+        Rule("FELIX-METRICS-RANDOM-PORT", "medium",
+             "PrometheusMetricsPort is 0: Felix binds a random port no probe can aim at",
+             "Set PrometheusMetricsPort back to a fixed port (or remove it) so that the node "
+             "can be verified, and disable the endpoint."),
+        Rule("FELIX-CONFIG-SELECTOR-INVALID", "medium",
+             "A selector-scoped FelixConfiguration has a nodeSelector Felix cannot parse",
+             "Felix ignores the whole resource, so the settings meant for those nodes do not "
+             "apply: fix the selector (Calico selector syntax) or delete the resource."),
+        Rule("FELIX-CONFIG-SELECTOR-IGNORED", "info",
+             "Selector-scoped FelixConfigurations are ignored by this Calico version",
+             "Selector-scoped FelixConfiguration needs calico-node v3.32 or later; until the "
+             "upgrade, put the setting in FelixConfiguration `default` or `node.<name>`."),
         Rule("NODE-NOT-VERIFIED", "medium",
              "The node could not be probed, so compliance is not proven",
              "Make the node's address reachable from the scanner (address type, routing, "
@@ -100,20 +117,66 @@ RULES: dict[str, Rule] = {
     )
 }
 
-_FIX_BY_SOURCE = {"operator": _OPERATOR_FIX, "felixconfiguration": _FELIXCONFIG_FIX}
+_ENV_REF_FIX = (
+    "The value comes from {ref} through the calico-node container's env: set it to `false` "
+    "there, or replace the env entry with a literal `FELIX_PROMETHEUSMETRICSENABLED=false` "
+    "(`felixscan remediate` does the latter); then `kubectl -n {namespace} rollout restart "
+    "ds/{daemonset}`, wait for the rollout, and scan again."
+)
+_CONFIG_FILE_FIX = (
+    "The value comes from Felix's config file ({ref}): set `PrometheusMetricsEnabled = false` "
+    "there (or remove the key and disable it in FelixConfiguration), restart the calico-node "
+    "pods (`kubectl -n {namespace} rollout restart ds/{daemonset}`), and scan again."
+)
+_ANNOTATION_FIX = (
+    "FelixConfiguration `{name}` carries the annotation `{key}`, which overrides its spec "
+    "field: set it to `false` or remove it together with the field (`kubectl annotate "
+    "felixconfiguration {name} {key}-` and `kubectl patch felixconfiguration {name} "
+    "--type=merge -p '{{\"spec\":{{\"prometheusMetricsEnabled\":false}}}}'`). Felix restarts "
+    "inside the pod; no rollout is needed. Then scan again."
+)
+_NAMED_FC_FIX = (
+    "Set `spec.prometheusMetricsEnabled: false` on FelixConfiguration `{name}` (`kubectl patch "
+    "felixconfiguration {name} --type=merge -p "
+    "'{{\"spec\":{{\"prometheusMetricsEnabled\":false}}}}'`). Felix restarts inside the pod; "
+    "no rollout is needed. Then scan again."
+)
 
 
 def remediation_for(rule_id: str, *, install: Install, source: str | None = None,
                     namespace: str = "kube-system", daemonset: str = "calico-node",
-                    container: str = "calico-node") -> str:
-    """The remediation text for a finding, specific to the install type and winning source."""
+                    container: str = "calico-node", operator_port: bool = False) -> str:
+    """The remediation text for a finding, naming the source that actually won.
+
+    An operator install is told to remove `nodeMetricsPort` only when the Installation sets it
+    (that is what renders the env); a FelixConfiguration, an annotation, a ConfigMap behind the
+    env or the config file gets its own fix.
+    """
     rule = RULES[rule_id]
-    if rule_id == "FELIX-METRICS-ENABLED":
-        if install == "operator":
-            text = _FIX_BY_SOURCE["operator"]
-        elif source and source.startswith("FelixConfiguration"):
-            text = _FIX_BY_SOURCE["felixconfiguration"]
-        else:
-            text = _MANIFEST_FIX
-        return text.format(namespace=namespace, daemonset=daemonset, container=container)
-    return rule.remediation.replace("<ns>", namespace)
+    if rule_id != "FELIX-METRICS-ENABLED":
+        return rule.remediation.replace("<ns>", namespace)
+    names = {"namespace": namespace, "daemonset": daemonset, "container": container}
+    source = source or ""
+    if source.startswith("FelixConfiguration "):
+        rest = source[len("FelixConfiguration "):]
+        name = rest.split(" ", 1)[0]
+        if " annotation " in rest:
+            key = rest.rsplit(" annotation ", 1)[1].split(" ", 1)[0]
+            return _ANNOTATION_FIX.format(name=name, key=key)
+        if name.startswith("("):  # the group could not be read: no name to give
+            return _FELIXCONFIG_FIX.format()
+        return _NAMED_FC_FIX.format(name=name)
+    if source.startswith("config file "):
+        ref = source[len("config file "):]
+        return _CONFIG_FILE_FIX.format(ref=ref, **names)
+    if install == "operator" or operator_port:
+        if operator_port:
+            return _OPERATOR_FIX.format()
+        return ("The env entry is on an operator-managed DaemonSet, but the Installation sets "
+                "no nodeMetricsPort: find the operator setting that renders it (an env edit "
+                "would be reverted), then scan again.")
+    if source.startswith("env ") and source.endswith(")") and "(" in source:
+        ref = source[source.rindex("(") + 1:-1]
+        if ref.startswith(("configmap ", "secret ", "envFrom ")):
+            return _ENV_REF_FIX.format(ref=ref, **names)
+    return _MANIFEST_FIX.format(**names)

@@ -41,15 +41,31 @@ class EnvVar:
 
 @dataclass(frozen=True, slots=True)
 class FelixConfig:
-    """A FelixConfiguration resource, reduced to what decides the metrics endpoint."""
+    """A FelixConfiguration resource, reduced to what decides the metrics endpoint.
+
+    `spec` holds the `prometheusMetrics*` fields exactly as served (JSON values, wrong types
+    included); `annotations` the keys that start with `config.projectcalico.org/` (the prefix
+    is case-sensitive upstream). scanner.calico turns both into the raw values Felix receives.
+    """
 
     name: str
-    enabled: bool | None  # spec.prometheusMetricsEnabled
-    port: int | None  # spec.prometheusMetricsPort
-    annotations: Mapping[str, str]  # only config.projectcalico.org/* keys
+    spec: Mapping[str, object]
+    annotations: Mapping[str, str]
     node_selector: str | None
     created: str  # metadata.creationTimestamp as served (RFC 3339)
-    cert_file: str | None = None  # spec.prometheusMetricsCertFile
+
+    @property
+    def enabled(self) -> object:
+        return self.spec.get("prometheusMetricsEnabled")
+
+
+@dataclass(frozen=True, slots=True)
+class FelixConfigSet:
+    """The FelixConfigurations of one API group, or why they cannot be known."""
+
+    group: str  # "crd.projectcalico.org/v1" or "projectcalico.org/v3"
+    configs: tuple[FelixConfig, ...] = ()
+    error: str | None = None  # set: the group cannot be read, so datastore values are unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +73,15 @@ class ConfigFile:
     """What is known of Felix's config file (`/etc/calico/felix.cfg`) in the calico-node pod.
 
     The stock image has none with Prometheus keys. `known` is False when a volume replaces it
-    with content the scanner cannot read, so the declared state cannot be decided.
+    with content the scanner cannot read, so the declared state cannot be decided. `invalid`
+    is set when the file is there but gopkg.in/ini.v1 rejects it: Felix does not start.
     """
 
     known: bool
-    values: Mapping[str, str]  # lower-cased parameter name -> raw value
+    values: Mapping[str, str]  # key exactly as ini.v1 names it (all sections merged) -> value
     origin: str  # "image default", "configmap ns/name[key]", ...
     error: str | None = None
+    invalid: str | None = None  # why ini.v1 rejects the file
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +117,23 @@ class Rollout:
 
 @dataclass(frozen=True, slots=True)
 class Pod:
+    """A pod running the calico-node container, with what its own spec gives Felix.
+
+    `env`, `config_file` and `image` are read from the Pod itself (mid-rollout a pod on an old
+    revision still runs the old env); None means "as the DaemonSet template".
+    """
+
     name: str
     node: str | None
     phase: str
     revision: str | None  # the pod's controller-revision-hash label
     ready: bool
+    owner: str | None = None  # the DaemonSet that owns it; None: no DaemonSet owner
+    current: bool | None = None  # runs its DaemonSet's newest revision (None: not known)
+    env: tuple[EnvVar, ...] | None = None
+    config_file: ConfigFile | None = None
+    image: str | None = None
+    terminating: bool = False  # metadata.deletionTimestamp is set: still running until gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +159,17 @@ class ClusterSnapshot:
     image: str | None
     env: tuple[EnvVar, ...]
     config_file: ConfigFile
-    felix_configs: tuple[FelixConfig, ...]
-    felix_crd: bool  # False when the FelixConfiguration API is not served (normal: no Calico CRDs)
+    felix_configs: tuple[FelixConfig, ...]  # of the group Felix reads by discovery
+    felix_crd: bool  # the FelixConfiguration API is served in that group
     installation: Installation | None
     rollout: Rollout
     pods: tuple[Pod, ...]
     nodes: tuple[Node, ...]
     collected_at: datetime
     api_seconds: float = 0.0
+    # Every group read, by name; a pod whose CALICO_API_GROUP names another group reads that.
+    felix_sets: Mapping[str, FelixConfigSet] = field(default_factory=dict)
+    felix_group: str = "crd.projectcalico.org/v1"  # libcalico-go's discovery answer
 
 
 # --- declared state ------------------------------------------------------------------------
@@ -158,7 +191,20 @@ class Declared:
     raw: str | None = None  # the winning raw text, when it is not redacted
     invalid: bool = False  # the winning value was not a valid Felix boolean (counted as false)
     reason: str | None = None  # why enabled is None
-    tls: bool = False  # a metrics certificate file is configured
+    tls: bool = False  # HTTPS: a metrics certificate or key file is configured (v3.32+)
+    host: str = ""  # PrometheusMetricsHost: "" = every interface
+    client_auth: str | None = None  # PrometheusMetricsClientAuth when tls (None: not known)
+    pod: str | None = None  # the calico-node pod whose spec decided it (None: the template)
+    felix_version: str | None = None  # from the calico-node image tag, when it names one
+
+    @property
+    def random_port(self) -> bool:
+        """PrometheusMetricsPort 0: Felix binds a port the kernel picks; no probe can aim."""
+        return self.port == 0
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host.lower() in ("localhost", "::1", "[::1]") or self.host.startswith("127.")
 
 
 # --- probe ---------------------------------------------------------------------------------
@@ -222,6 +268,7 @@ class NodeResult:
     probe: ProbeResult
     pod_current: bool | None  # the node's calico-node pod runs the current template revision
     verdict: Verdict
+    probes: tuple[ProbeResult, ...] = ()  # every address probed on the effective port
 
 
 @dataclass(frozen=True, slots=True)

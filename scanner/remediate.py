@@ -447,7 +447,9 @@ def plan_fixes(snapshot: ClusterSnapshot) -> tuple[tuple[Fix, ...], tuple[str, .
         snap = _simulate(snap, found)
 
     for _ in range(8):
-        per_node = resolve_nodes(snap) if snap.nodes else {"(cluster)": resolve(snap, None)}
+        # As the template will run once rolled out: the pods' own env is what changes.
+        per_node = (resolve_nodes(snap, use_pods=False) if snap.nodes
+                    else {"(cluster)": resolve(snap, None, use_pods=False)})
         on: dict[str, list[tuple[str, Declared]]] = {}
         for node, declared in per_node.items():
             if declared.enabled is not False:
@@ -514,11 +516,14 @@ def _simulate(snap: ClusterSnapshot, fixes: Sequence[Fix]) -> ClusterSnapshot:
                 if cfg.name != fix.name:
                     continue
                 if fix.field == SPEC_ENABLED:
-                    configs[i] = replace(cfg, enabled=fix.value)
+                    configs[i] = replace(cfg, spec={**cfg.spec,
+                                                    "prometheusMetricsEnabled": fix.value})
                 else:
                     key = fix.field[len(ANNOTATION):]
                     configs[i] = replace(cfg, annotations={**cfg.annotations, key: fix.value})
-    return replace(snap, env=tuple(env), felix_configs=tuple(configs))
+    sets = {g: replace(fs, configs=tuple(configs)) if g == snap.felix_group else fs
+            for g, fs in snap.felix_sets.items()}
+    return replace(snap, env=tuple(env), felix_configs=tuple(configs), felix_sets=sets)
 
 
 # --- planning: the exact patches ----------------------------------------------------------

@@ -79,7 +79,7 @@ def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
                               timings={"api": time.monotonic() - t0})
     t1 = time.monotonic()
     declared = resolve_nodes(snapshot)
-    targets = probe_targets(snapshot, declared, address_type=cluster.probe.address_type,
+    targets = probe_targets(snapshot, declared, address_type=cluster.probe.address_types,
                             extra_ports=cluster.probe.extra_ports)
     probes = probe_nodes(targets, probe_settings(cluster))
     t2 = time.monotonic()
@@ -89,7 +89,8 @@ def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
                       timings={"api": t1 - t0, "probe": t2 - t1})
     p = cluster.probe
     return replace(result, method={
-        "address_type": p.address_type, "connect_timeout_s": p.timeout_seconds,
+        "address_type": p.address_type, "address_types": list(p.address_types),
+        "connect_timeout_s": p.timeout_seconds,
         "tls_timeout_s": p.tls_timeout_seconds, "http_timeout_s": p.http_timeout_seconds,
         "concurrency": p.concurrency, "extra_ports": list(p.extra_ports),
         "targets": len(targets), "api_timeout_s": cluster.api_timeout_seconds})

@@ -241,6 +241,7 @@ class Store:
                 declared_enabled=result.declared.enabled if result.declared else None,
                 declared_source=result.declared.source if result.declared else None,
                 declared_port=result.declared.port if result.declared else None,
+                declared_host=result.declared.host if result.declared else None,
                 error=result.error,
                 nodes_total=len(result.nodes),
                 nodes_pass=sum(1 for n in result.nodes if n.verdict == "pass"),
@@ -363,6 +364,10 @@ def _probe_row(cluster_scan_id: int, node: NodeResult, ready: bool | None) -> di
         "tls_not_after": tls.not_after if tls else None,
         "tls_sha256": tls.sha256 if tls else None, "felix_host": probe.felix_host,
         "error": probe.error, "connect_ms": probe.connect_ms, "duration_ms": probe.duration_ms,
+        "addresses": [{"address": p.address, "state": p.state, "protocol": p.protocol,
+                       "felix": p.felix, "error": p.error} for p in node.probes]
+        if len(node.probes) > 1 else None,
+        "declared_host": declared.host,
     }
 
 
@@ -384,19 +389,25 @@ def snapshot_summary(result: ClusterResult) -> dict[str, Any]:
                  "origin": e.origin, "error": e.error} for e in snap.env],
         "config_file": {"known": snap.config_file.known, "origin": snap.config_file.origin,
                         "values": dict(snap.config_file.values)},
+        "felix_group": snap.felix_group,
         "felix_configurations": [
-            {"name": c.name, "prometheusMetricsEnabled": c.enabled,
-             "prometheusMetricsPort": c.port, "annotations": dict(c.annotations),
-             "nodeSelector": c.node_selector, "created": c.created}
+            {"name": c.name, **{k: v for k, v in c.spec.items()},
+             "annotations": dict(c.annotations), "nodeSelector": c.node_selector,
+             "created": c.created}
             for c in snap.felix_configs],
+        "felix_configuration_errors": {g: s.error for g, s in snap.felix_sets.items()
+                                       if s.error},
         "installation": {"name": snap.installation.name,
                          "nodeMetricsPort": snap.installation.node_metrics_port}
         if snap.installation else None,
         "pods": len(snap.pods), "nodes": len(snap.nodes),
+        "daemonsets": sorted({p.owner or "(none)" for p in snap.pods}),
         "probe": dict(result.method),
         "declared": {"enabled": result.declared.enabled, "source": result.declared.source,
                      "port": result.declared.port, "port_source": result.declared.port_source,
-                     "tls": result.declared.tls, "reason": result.declared.reason}
+                     "tls": result.declared.tls, "reason": result.declared.reason,
+                     "host": result.declared.host, "client_auth": result.declared.client_auth,
+                     "felix_version": result.declared.felix_version}
         if result.declared else None,
     }
 

@@ -51,6 +51,9 @@ class Node:
     labels: dict[str, str] = field(default_factory=dict)
     pod: str | None = "current"  # "current", "old" or None (no calico-node pod)
     port: int = 9091
+    annotations: dict[str, str] = field(default_factory=dict)
+    # further (type, address) entries, e.g. ("InternalIP", "::1"), each with its listener kind
+    extra: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -93,10 +96,16 @@ class Harness:
             specs.append(NodeSpec(name=node_name,
                                   address=None if node.kind == "noaddr" else address,
                                   ready=node.ready, labels=dict(node.labels),
+                                  annotations=dict(node.annotations),
+                                  extra_addresses=[(t, a) for t, a, _k in node.extra],
                                   pod_revision=node.pod))  # type: ignore[arg-type]
             if node.kind not in ("closed", "noaddr"):
                 self.fleet.add(address, node.kind, port=node.port, node_name=node_name)
-        handle = build_calico_cluster(emu, daemonset_yaml=daemonset(version), nodes=specs, **build)
+            for _t, extra_address, kind in node.extra:
+                if kind != "closed":
+                    self.fleet.add(extra_address, kind, port=node.port, node_name=node_name)
+        build.setdefault("daemonset_yaml", daemonset(version))
+        handle = build_calico_cluster(emu, nodes=specs, **build)
         self.emulators[name] = emu
         self.handles[name] = handle
         if options:

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 import pytest
 
 from scanner.calico import (
-    Selector,
     cluster_declared,
     felix_param,
     parse_bool,
@@ -25,6 +24,7 @@ from scanner.records import (
     Node,
     Rollout,
 )
+from scanner.selector import parse as parse_selector
 
 NODES = (
     Node(name="w1", addresses=(("InternalIP", "127.0.0.1"),), ready=True,
@@ -39,7 +39,7 @@ def snapshot(*, env: tuple[EnvVar, ...] = (), configs: tuple[FelixConfig, ...] =
              installation: Installation | None = None) -> ClusterSnapshot:
     return ClusterSnapshot(
         cluster="c", install=install, namespace="kube-system", daemonset="calico-node",  # type: ignore[arg-type]
-        container="calico-node", image=None, env=env,
+        container="calico-node", image="quay.io/calico/node:v3.32.1", env=env,
         config_file=config_file or ConfigFile(known=True, values={}, origin="image default"),
         felix_configs=configs, felix_crd=True, installation=installation,
         rollout=Rollout(1, 1, 2, 2, 2, 2, "abc", "RollingUpdate", "1"), pods=(), nodes=NODES,
@@ -53,7 +53,12 @@ def env(name: str, value: str | None, **kw: object) -> EnvVar:
 def fc(name: str, enabled: bool | None = None, port: int | None = None, *,
        annotations: dict[str, str] | None = None, selector: str | None = None,
        created: str = "2026-01-01T00:00:00Z") -> FelixConfig:
-    return FelixConfig(name=name, enabled=enabled, port=port, annotations=annotations or {},
+    spec: dict[str, object] = {}
+    if enabled is not None:
+        spec["prometheusMetricsEnabled"] = enabled
+    if port is not None:
+        spec["prometheusMetricsPort"] = port
+    return FelixConfig(name=name, spec=spec, annotations=annotations or {},
                        node_selector=selector, created=created)
 
 
@@ -61,7 +66,7 @@ def fc(name: str, enabled: bool | None = None, port: int | None = None, *,
     ("true", True, True), ("TRUE", True, True), ("1", True, True), ("yes", True, True),
     ("y", True, True), ("t", True, True), ("T", True, True),
     ("false", False, True), ("0", False, True), ("no", False, True), ("n", False, True),
-    ("f", False, True), ("none", False, True), ("None", False, True),
+    ("f", False, True),
     ("on", False, False), ("enabled", False, False), ("", False, False),
     (" true", False, False), ("true ", False, False), ("2", False, False),
 ])
@@ -70,8 +75,8 @@ def test_parse_bool_is_felix_parsing(raw: str, value: bool, valid: bool) -> None
 
 
 @pytest.mark.parametrize(("raw", "port", "valid"), [
-    ("9091", 9091, True), ("19091", 19091, True), ("0", 9091, False), ("65536", 9091, False),
-    ("x", 9091, False), (" 9091", 9091, False), ("none", 9091, True),
+    ("9091", 9091, True), ("19091", 19091, True), ("0", 0, True), ("65536", 9091, False),
+    ("x", 9091, False), (" 9091", 9091, False), ("none", 0, True),
 ])
 def test_parse_port(raw: str, port: int, valid: bool) -> None:
     assert parse_port(raw) == (port, valid)
@@ -199,11 +204,11 @@ def test_oldest_matching_selector_config_wins() -> None:
     assert resolve(snap, NODES[0]).source.startswith("FelixConfiguration older")
 
 
-def test_unparseable_selector_makes_the_node_unknown() -> None:
+def test_unparseable_selector_drops_only_that_resource() -> None:
     snap = snapshot(configs=(fc("broken", True, selector="role === gpu"),))
     d = resolve(snap, NODES[0])
-    assert d.enabled is None
-    assert "broken" in (d.reason or "")
+    assert d.enabled is False
+    assert d.source == "built-in default (false)"
 
 
 @pytest.mark.parametrize(("text", "w1", "w2"), [
@@ -222,8 +227,8 @@ def test_unparseable_selector_makes_the_node_unknown() -> None:
     ("role ends with 'pu'", True, True),
 ])
 def test_calico_selectors(text: str, w1: bool, w2: bool) -> None:
-    sel = Selector(text)
-    assert (sel.matches(NODES[0].labels), sel.matches(NODES[1].labels)) == (w1, w2)
+    sel = parse_selector(text)
+    assert (sel.evaluate(NODES[0].labels), sel.evaluate(NODES[1].labels)) == (w1, w2)
 
 
 def test_secret_stand_in_is_used_but_never_shown_as_raw() -> None:

@@ -218,8 +218,32 @@ def test_exec_credential_plugin_that_works(fh: FaultHarness, sqlite_url: str,
 # --- RBAC: 403 on one resource ----------------------------------------------------------------
 
 
+def test_403_on_felixconfigurations_is_unknown_not_none(fh: FaultHarness,
+                                                        sqlite_url: str) -> None:
+    """FelixConfiguration we may not list could set anything: the datastore's values are
+    unknown (never "none set"), the nodes are still probed, and the reason is named."""
+    fh.healthy()
+    fault = fh.cluster("rbac", ["closed"]).emu.inject(r"felixconfigurations", status=403)
+    out = fh.scan(sqlite_url)
+    c = out.cluster("rbac")
+    assert (c["status"], out.code) == ("error", 3)
+    assert [n["verdict"] for n in c["nodes"]] == ["unknown"]
+    unresolved = next(f for f in c["findings"] if f["id"] == "FELIX-CONFIG-UNRESOLVED")
+    assert "LIST felixconfigurations.crd.projectcalico.org: 403 Forbidden" in unresolved["message"]
+    assert out.cluster("healthy")["status"] == "compliant"
+    assert fault.hits == 1  # a 403 is never retried
+
+
+def _roll_spec_into_pods(handle: Any, ds: dict[str, Any]) -> None:
+    """The pods run what the DaemonSet now says (as after a rollout): felixscan reads each
+    pod's own spec."""
+    for pod in handle.pods():
+        pod["spec"]["containers"] = ds["spec"]["template"]["spec"]["containers"]
+        pod["spec"]["volumes"] = ds["spec"]["template"]["spec"].get("volumes") or []
+        handle.emu.replace(pod)
+
+
 @pytest.mark.parametrize(("path", "what"), [
-    (r"felixconfigurations", "LIST felixconfigurations.crd.projectcalico.org: 403 Forbidden"),
     (r"^/api/v1/nodes", "LIST nodes: 403 Forbidden"),
     (r"daemonsets/calico-node", "GET daemonset kube-system/calico-node: 403 Forbidden"),
     (r"/pods", "LIST pods in kube-system: 403 Forbidden"),
@@ -282,6 +306,7 @@ def test_403_on_an_envfrom_configmap_is_unknown_even_when_optional(fh: FaultHarn
                      if c["name"] == "calico-node")
     container["envFrom"] = [{"configMapRef": {"name": "felix-env", "optional": True}}]
     handle.emu.replace(ds)
+    _roll_spec_into_pods(handle, ds)
     handle.emu.inject(r"/configmaps/felix-env", status=403)
     out = fh.scan(sqlite_url)
     c = out.cluster("ef")
@@ -307,6 +332,7 @@ def test_403_on_the_secret_holding_felix_cfg_makes_the_file_unknown(fh: FaultHar
     pod.setdefault("volumes", []).append({"name": "felix-cfg",
                                           "secret": {"secretName": "felix-cfg"}})
     handle.emu.replace(ds)
+    _roll_spec_into_pods(handle, ds)
     handle.emu.inject(r"/secrets/felix-cfg", status=403)
     out = fh.scan(sqlite_url)
     c = out.cluster("cfg")

@@ -39,7 +39,8 @@ def test_stock_manifest_of_every_calico_version_is_compliant(harness: Harness, s
     c = out.cluster("c1")
     assert c["status"] == "compliant"
     assert c["install"] == "manifest"
-    assert c["declared"] == {"enabled": False, "source": "built-in default (false)", "port": 9091}
+    assert c["declared"] == {"enabled": False, "source": "built-in default (false)", "port": 9091,
+                            "host": ""}
     assert [n["state"] for n in c["nodes"]] == ["closed", "closed", "filtered"]
     assert [n["verdict"] for n in c["nodes"]] == ["pass", "pass", "pass"]
     assert c["findings"] == []
@@ -54,7 +55,7 @@ def test_seed_platform_felix_over_tls_is_non_compliant_and_stored(harness: Harne
     c = out.cluster("seed")
     assert c["status"] == "non_compliant"
     assert c["declared"] == {"enabled": True, "source": "env FELIX_PROMETHEUSMETRICSENABLED",
-                             "port": 9091}
+                             "port": 9091, "host": ""}
     assert {(n["state"], n["protocol"], n["felix"], n["verdict"]) for n in c["nodes"]} == \
         {("open", "https", True, "fail")}
     ids = finding_ids(c)
@@ -163,7 +164,7 @@ def test_felixconfiguration_default_on_with_env_unset(harness: Harness, sqlite_u
         {"metadata": {"name": "default"}, "spec": {"prometheusMetricsEnabled": True}}])
     c = harness.scan(sqlite_url).cluster("fc")
     assert c["declared"] == {"enabled": True, "source": "FelixConfiguration default",
-                             "port": 9091}
+                             "port": 9091, "host": ""}
     enabled = [f for f in c["findings"] if f["id"] == "FELIX-METRICS-ENABLED"]
     assert len(enabled) == 1
 
@@ -223,17 +224,25 @@ def test_rollout_incomplete_pods_on_old_revision(harness: Harness, sqlite_url: s
                     env={"FELIX_PROMETHEUSMETRICSENABLED": "false"},
                     old_env={"FELIX_PROMETHEUSMETRICSENABLED": "true"})
     c = harness.scan(sqlite_url).cluster("ro")
-    assert c["declared"]["enabled"] is False
+    # The node on the old revision runs the old env (enabled): the cluster is declared on there.
+    assert c["declared"]["enabled"] is True
+    assert c["declared"]["source"] == "env FELIX_PROMETHEUSMETRICSENABLED (1 of 3 nodes)"
     assert c["status"] == "non_compliant"
     stale = c["nodes"][0]
     assert (stale["pod_current"], stale["verdict"]) == (False, "fail")
-    drift = next(f for f in c["findings"] if f["id"] == "DRIFT-DISABLED-BUT-OPEN")
-    assert "old template revision" in drift["message"]
+    # Not drift: the old pod's own spec declares metrics on, and says so.
+    assert "DRIFT-DISABLED-BUT-OPEN" not in {f["id"] for f in c["findings"]}
+    assert stale["declared_enabled"] is True and stale["pod"]
     assert ("ROLLOUT-INCOMPLETE", None) in finding_ids(c)
+    assert ("FELIX-METRICS-ENABLED", None) in finding_ids(c)
 
 
-def test_absent_felixconfiguration_crd_is_normal(harness: Harness, sqlite_url: str) -> None:
-    harness.cluster("nocrd", ["closed"], felix_crd=False)
+def test_absent_felixconfiguration_crd_is_unknown_unless_env_decides(harness: Harness,
+                                                                      sqlite_url: str) -> None:
+    """On the Kubernetes datastore Felix needs FelixConfiguration; without it being served the
+    datastore's values are unknown (tests/test_scan_parity.py), but an env entry wins above."""
+    harness.cluster("nocrd", ["closed"], felix_crd=False,
+                    env={"FELIX_PROMETHEUSMETRICSENABLED": "false"})
     out = harness.scan(sqlite_url)
     assert out.code == 0, out.stderr
     assert out.cluster("nocrd")["status"] == "compliant"

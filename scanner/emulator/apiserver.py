@@ -1342,11 +1342,13 @@ class KubeEmulator:
         self._kinds.pop((rtype.api_version, rtype.kind), None)
         self._collections.pop(rtype.key, None)
 
-    def register_calico_crds(self) -> ResourceType:
-        """Serve crd.projectcalico.org/v1 felixconfigurations (cluster-scoped)."""
+    def register_calico_crds(self, api_version: str = "crd.projectcalico.org/v1") -> ResourceType:
+        """Serve felixconfigurations (cluster-scoped) in `api_version`: `crd.projectcalico.org/v1`
+        (every release) or `projectcalico.org/v3` (Calico's native v3 CRDs, v3.32+)."""
+        group, version = api_version.split("/")
         return self.register_resource(
-            "crd.projectcalico.org",
-            "v1",
+            group,
+            version,
             "felixconfigurations",
             "FelixConfiguration",
             namespaced=False,

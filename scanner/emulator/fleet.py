@@ -63,6 +63,7 @@ class NodeSpec:
     pod_revision: PodRevision | None = "current"
     pod_ready: bool | None = None
     extra_addresses: list[tuple[str, str]] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 def make_nodes(
@@ -203,7 +204,8 @@ def _node_object(spec: NodeSpec, kubelet_version: str) -> JsonDict:
     return {
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": {"name": spec.name, "labels": labels},
+        "metadata": {"name": spec.name, "labels": labels,
+                     **({"annotations": dict(spec.annotations)} if spec.annotations else {})},
         "spec": {},
         "status": {
             "addresses": addresses,
@@ -680,12 +682,15 @@ class ClusterHandle:
         if self._pod_detail == "full":
             spec: JsonDict = dict(template["spec"])
         else:
+            # Small, but with what decides Felix's configuration: env, mounts and volumes.
+            keep = ("name", "image", "env", "envFrom", "volumeMounts")
             spec = {
                 "hostNetwork": template["spec"].get("hostNetwork", False),
                 "containers": [
-                    {"name": c["name"], "image": c.get("image")}
+                    {k: c[k] for k in keep if k in c}
                     for c in template["spec"].get("containers") or []
                 ],
+                "volumes": template["spec"].get("volumes") or [],
             }
         spec["nodeName"] = node_name
         spec["affinity"] = {
@@ -783,6 +788,7 @@ def build_calico_cluster(
     env: Mapping[str, EnvValue] | None = None,
     old_env: Mapping[str, EnvValue] | None = None,
     felix_crd: bool = True,
+    felix_api: str = _FELIX_API,
     felix_configs: Sequence[Mapping[str, Any]] = (),
     default_felix_config: bool = True,
     node_metrics_port: int | None = None,
@@ -803,8 +809,10 @@ def build_calico_cluster(
     pods with `pod_revision="old"` run; when it yields the current template the old one gets a
     distinguishing annotation. `felix_configs` are FelixConfiguration objects (apiVersion/kind
     may be omitted); with `felix_crd` and `default_felix_config` a `default` one as calico-node
-    creates it is added unless given. ConfigMaps/Secrets without a namespace go to the
-    DaemonSet's namespace. `pod_detail="minimal"` keeps pod specs small for huge clusters.
+    creates it is added unless given; `felix_api` is the group/version that serves them
+    (`projectcalico.org/v3` for a cluster on Calico's native v3 CRDs). ConfigMaps/Secrets
+    without a namespace go to the DaemonSet's namespace. `pod_detail="minimal"` keeps pod
+    specs small for huge clusters.
     """
     if node_metrics_port is not None and install != "operator":
         raise ValueError("node_metrics_port is an operator Installation setting")
@@ -867,14 +875,14 @@ def build_calico_cluster(
         emu.add(obj)
 
     if felix_crd:
-        emu.register_calico_crds()
+        emu.register_calico_crds(felix_api)
         configs = [dict(c) for c in felix_configs]
         if default_felix_config and not any(
             c.get("metadata", {}).get("name") == "default" for c in configs
         ):
-            configs.insert(0, _default_felix_config())
+            configs.insert(0, {**_default_felix_config(), "apiVersion": felix_api})
         for config in configs:
-            config.setdefault("apiVersion", _FELIX_API)
+            config.setdefault("apiVersion", felix_api)
             config.setdefault("kind", "FelixConfiguration")
             emu.add(config)
     elif felix_configs:

@@ -344,8 +344,10 @@ class NodeFleet:
         """Add a node; it listens at once when the fleet is running, else on start()."""
         if kind not in KINDS:
             raise ValueError(f"unknown node kind {kind!r}; expected one of {sorted(KINDS)}")
-        if ipaddress.ip_address(address) not in _LOOPBACK:
-            raise ValueError(f"emulated nodes live in 127.0.0.0/8; {address} is outside it")
+        ip = ipaddress.ip_address(address)
+        if ip not in _LOOPBACK and ip != ipaddress.IPv6Address("::1"):
+            raise ValueError(f"emulated nodes live in 127.0.0.0/8 or on ::1; {address} is "
+                             "outside them")
         if (address, port) in self._nodes:
             raise ValueError(f"a node already uses {address}:{port}")
         if not 0 < port < 65536 or delay < 0:
