@@ -77,6 +77,8 @@ class NodeRow:
     tls_sha256: str | None
     felix_host: str | None
     error: str | None
+    addresses: list[dict[str, Any]] | None = None  # every address probed, when more than one
+    declared_host: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +347,8 @@ _NODE_COLUMNS = (NodeProbe.node.label("name"), NodeProbe.address, NodeProbe.port
                  NodeProbe.declared_enabled, NodeProbe.declared_source, NodeProbe.pod_current,
                  NodeProbe.node_ready, NodeProbe.tls_version, NodeProbe.tls_subject,
                  NodeProbe.tls_issuer, NodeProbe.tls_self_signed, NodeProbe.tls_not_after,
-                 NodeProbe.tls_sha256, NodeProbe.felix_host, NodeProbe.error)
+                 NodeProbe.tls_sha256, NodeProbe.felix_host, NodeProbe.error,
+                 NodeProbe.addresses, NodeProbe.declared_host)
 
 
 def _nodes(s: Session, cluster_scan_id: int) -> tuple[NodeRow, ...]:

@@ -32,6 +32,8 @@ _CONTENT_TYPES: dict[PatchType, str] = {
 _CUSTOM = {
     ("crd.projectcalico.org/v1", "FelixConfiguration"):
         ("crd.projectcalico.org", "v1", "felixconfigurations"),
+    ("projectcalico.org/v3", "FelixConfiguration"):
+        ("projectcalico.org", "v3", "felixconfigurations"),
     ("operator.tigera.io/v1", "Installation"): ("operator.tigera.io", "v1", "installations"),
 }
 DAEMONSET = ("apps/v1", "DaemonSet")

@@ -46,7 +46,6 @@ SPEC_METRICS_PORT = "spec/nodeMetricsPort"  # Installation
 
 POD_RESTART_SECONDS = 30.0  # for estimates: one calico-node pod from termination to Ready
 FELIX_RESTART_SECONDS = 15.0  # for estimates: Felix restarting in place after a config change
-_FELIX_API = "crd.projectcalico.org/v1"
 _OPERATOR_API = "operator.tigera.io/v1"
 _IGNORED_META = frozenset({"resourceVersion", "generation", "managedFields"})
 
@@ -82,6 +81,8 @@ REMEDIATION_RBAC: tuple[RbacRule, ...] = (
     RbacRule("crd.projectcalico.org", "felixconfigurations", ("get", "patch"), (), "cluster",
              "read and patch the winning FelixConfiguration (`default`, `node.<name>` or a "
              "selector-scoped one, so the names cannot be listed in advance)"),
+    RbacRule("projectcalico.org", "felixconfigurations", ("get", "patch"), (), "cluster",
+             "the same where Felix reads Calico's native v3 CRDs (projectcalico.org/v3)"),
     RbacRule("operator.tigera.io", "installations", ("patch",), ("default",), "cluster",
              "operator installs: remove spec.nodeMetricsPort from the Installation"),
 )
@@ -533,7 +534,7 @@ def _ref(snapshot: ClusterSnapshot, kind: str, name: str) -> ObjectRef:
     if kind == "DaemonSet":
         return ObjectRef("apps/v1", "DaemonSet", name, snapshot.namespace)
     if kind == "FelixConfiguration":
-        return ObjectRef(_FELIX_API, kind, name)
+        return ObjectRef(snapshot.felix_group, kind, name)  # the group Felix reads
     return ObjectRef(_OPERATOR_API, kind, name)
 
 

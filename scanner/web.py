@@ -317,7 +317,7 @@ def latest_json(latest: LatestScan | None) -> dict[str, Any] | None:
             "status": latest.status, "started_at": latest.started_at,
             "finished_at": latest.finished_at, "install": latest.install,
             "declared": {"enabled": latest.declared_enabled, "source": latest.declared_source,
-                         "port": latest.declared_port},
+                         "port": latest.declared_port, "host": latest.declared_host},
             "nodes": latest.nodes, "passing": latest.passing, "failing": latest.failing,
             "unknown": latest.unknown, "error": latest.error}
 
@@ -715,7 +715,9 @@ def openapi() -> dict[str, Any]:
         "finished_at": ts, "install": {"type": "string"},
         "declared": {"type": "object", "properties": {
             "enabled": {"type": ["boolean", "null"]}, "source": {"type": ["string", "null"]},
-            "port": {"type": ["integer", "null"]}}},
+            "port": {"type": ["integer", "null"]},
+            "host": {"type": ["string", "null"],
+                     "description": "PrometheusMetricsHost: empty = every interface"}}},
         "nodes": integer, "passing": integer, "failing": integer, "unknown": integer,
         "error": {"type": ["string", "null"]}}}
     scan = {"type": "object", "properties": {

@@ -53,6 +53,7 @@ class LatestScan:
     failing: int
     unknown: int
     error: str | None
+    declared_host: str | None = None  # "" = every interface; a loopback address: loopback only
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +170,7 @@ def _latest_query() -> Any:
                    ClusterScan.install, ClusterScan.declared_enabled,
                    ClusterScan.declared_source, ClusterScan.declared_port,
                    ClusterScan.nodes_total, ClusterScan.nodes_pass, ClusterScan.nodes_fail,
-                   ClusterScan.nodes_unknown, ClusterScan.error)
+                   ClusterScan.nodes_unknown, ClusterScan.error, ClusterScan.declared_host)
             .join(D, D.last_cluster_scan_id == ClusterScan.id)
             .join(newest, and_(newest.c.cluster == D.cluster, newest.c.day == D.day)))
 
@@ -179,7 +180,7 @@ def _latest(row: Any) -> LatestScan:
                       finished_at=row[4], status=row[5], install=row[6],
                       declared_enabled=row[7], declared_source=row[8], declared_port=row[9],
                       nodes=row[10], passing=row[11], failing=row[12], unknown=row[13],
-                      error=row[14])
+                      error=row[14], declared_host=row[15])
 
 
 def known_clusters(store: Store) -> list[str]:

@@ -525,3 +525,15 @@ def test_operator_install_with_felixconfiguration_source_is_not_told_about_node_
     cm = remediation_for("FELIX-METRICS-ENABLED", install="manifest",
                          source="env FELIX_PROMETHEUSMETRICSENABLED (configmap kube-system/x[k])")
     assert "configmap kube-system/x[k]" in cm
+
+
+def test_every_test_named_in_docs_calico_exists() -> None:
+    """docs/calico.md links each rule to its tests: a renamed test must not leave a dead link."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", (root / "docs" / "calico.md").read_text()))
+    defined = set(re.findall(r"^def (test_[a-z0-9_]+)\(", "\n".join(
+        p.read_text() for p in (root / "tests").glob("test_*.py")), re.MULTILINE))
+    assert named and named <= defined, sorted(named - defined)
