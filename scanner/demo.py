@@ -1,13 +1,18 @@
 """`felixscan demo`: a first look without a cluster.
 
 Starts an emulated fleet on this machine (Kubernetes API servers on 127.0.0.1, node listeners on
-127.50.x.y), replays a week of nightly scans into a fresh SQLite database (one cluster is
-remediated, another regresses), and writes an HTML and a PDF report. Every scan is real: the
-real kubernetes client, real sockets, the same `run_scan` as `felixscan scan`.
+a free 127.x.y.0/24 block, 127.50.0.x when nobody else uses it), replays a week of nightly scans
+into a fresh SQLite database (one cluster is remediated, another regresses), and writes an HTML
+and a PDF report marked as emulated data. Every scan is real: the real kubernetes client, real
+sockets, the same `run_scan` as `felixscan scan`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +25,14 @@ from scanner.config import ClusterSettings, ProbeConfig, Settings
 from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico_cluster
 from scanner.emulator.apiserver import write_kubeconfig
 from scanner.emulator.nodes import NodeFleet, address_for
+from scanner.errors import FelixscanError
 from scanner.scan import ScanOutcome, run_scan
 from scanner.store import Store
 
 DATA = Path(__file__).resolve().parent / "emulator" / "data"
 FELIX_API = "crd.projectcalico.org/v1"
+DEMO_NODES = 26  # fits one /24 block
+_BLOCKS = [f"127.{second}.{third}.0" for second in range(50, 60) for third in range(0, 256, 16)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +53,8 @@ class _Cluster:
 class _Fleet:
     """The emulated fleet: three clusters and their node listeners."""
 
-    def __init__(self, stack: ExitStack, workdir: Path) -> None:
+    def __init__(self, stack: ExitStack, workdir: Path, base: str) -> None:
+        self.base = base
         self.nodes = NodeFleet()
         stack.callback(self.nodes.stop)
         self.nodes.start()
@@ -62,7 +71,7 @@ class _Fleet:
         specs = []
         for i in range(count):
             node = f"{name}-{'cp' if i == 0 else 'worker'}-{i}"
-            address = address_for(self._next, base="127.50.0.0")
+            address = address_for(self._next, base=self.base)
             self._next += 1
             addresses[node] = address
             specs.append(NodeSpec(name=node, address=address,
@@ -84,6 +93,42 @@ class _Fleet:
             ClusterSettings(name=name, kubeconfig=kubeconfig, context=name, probe=probe,
                             api_timeout_seconds=5, deadline_seconds=60)
             for name in self.clusters))
+
+
+def claim_block(stack: ExitStack, *, blocks: list[str] | None = None) -> str:
+    """A /24 of loopback addresses no other demo (or other program) on this machine uses.
+
+    Each candidate is claimed with an exclusive lock file in the temp directory (held until
+    the demo ends), then checked: nothing may already listen on port 9091 of its addresses.
+    The first free block is always the same, so results stay the same run after run.
+    """
+    lock_dir = Path(tempfile.gettempdir())
+    for base in blocks or _BLOCKS:
+        path = lock_dir / f"felixscan-demo-{base}.lock"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        if all(_port_free(address_for(i, base=base)) for i in range(DEMO_NODES)):
+            stack.callback(os.close, fd)  # the lock goes with the descriptor
+            return base
+        os.close(fd)
+    raise FelixscanError(f"demo: no free loopback block for the emulated nodes (tried "
+                         f"{len(blocks or _BLOCKS)} /24 blocks from 127.50.0.0; other demos or "
+                         "programs listen on port 9091 there)")
+
+
+def _port_free(address: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 9091))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
 
 
 def _day_clock(base: datetime) -> Callable[[], datetime]:
@@ -112,8 +157,10 @@ def run_demo(out_dir: Path, *, days: int = 7, echo: Callable[[str], None] = prin
     fix_day, done_day, regress_day = days - 4, days - 3, days - 2
     outcomes: list[ScanOutcome] = []
     with ExitStack() as stack, _fresh_database(out_dir / "felixscan-demo.db") as db:
-        fleet = _Fleet(stack, Path(stack.enter_context(tempfile.TemporaryDirectory())))
-        echo("Starting an emulated fleet: 3 clusters, 26 nodes on 127.50.0.x ...")
+        base = claim_block(stack)
+        fleet = _Fleet(stack, Path(stack.enter_context(tempfile.TemporaryDirectory())), base)
+        echo(f"Starting an emulated fleet: 3 clusters, {DEMO_NODES} nodes on "
+             f"{base.rsplit('.', 1)[0]}.x ...")
         east = fleet.add("prod-east", count=12, version="v3.32.1", kind="felix-tls",
                          env={"FELIX_PROMETHEUSMETRICSENABLED": "true"})
         west = fleet.add("prod-west", count=8, version="v3.32.1", kind="closed",
@@ -145,14 +192,15 @@ def run_demo(out_dir: Path, *, days: int = 7, echo: Callable[[str], None] = prin
             statuses = ", ".join(f"{c.cluster} {c.status.upper().replace('_', '-')}"
                                  for c in outcome.clusters)
             echo(f"{when:%Y-%m-%d} scan {outcome.scan_id}: {statuses}")
+        # Generated now (the real time), over the replayed nights.
         html = build_report(store, fmt="html", out=out_dir / "demo-report.html",
-                            since=first.date(), until=today.date(), now=today)
+                            since=first.date(), until=today.date())
         pdf = build_report(store, fmt="pdf", out=out_dir / "demo-report.pdf",
-                           since=first.date(), until=today.date(), now=today)
+                           since=first.date(), until=today.date())
         for info in (html, pdf):
             record_report(store, fmt=info.format, sha256=info.sha256, location=str(info.path),
                           clusters=info.clusters, since=info.since, until=info.until,
-                          scan_ids=info.scan_ids, created_at=today)
+                          scan_ids=info.scan_ids, created_at=datetime.now(UTC))
         echo(f"Report data SHA-256 {pdf.sha256}")
     return DemoResult(database=out_dir / "felixscan-demo.db", html=html.path, pdf=pdf.path,
                       scans=tuple(outcomes))

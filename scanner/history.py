@@ -178,6 +178,8 @@ class ReportData:
     clusters: tuple[ClusterReport, ...]
     not_scanned: tuple[str, ...]  # clusters asked for by name with no scan in the period
     scan_ids: tuple[int, ...]  # every ScanRun.id the report draws on
+    # Every scan drawn on came from `felixscan demo`: emulated clusters, not a real fleet.
+    emulated: bool = False
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -239,9 +241,13 @@ def _load(sessions: sessionmaker[Session], database: str, *, clusters: Sequence[
         raise ReportError(f"no scans of {which} between {since} and {until} (UTC, inclusive); "
                           "choose another --since/--until")
     scan_ids = sorted({ref for r in reports for ref in _scan_ids(r)})
+    with sessions() as s:
+        triggers = set(s.scalars(select(ScanRun.trigger).where(ScanRun.id.in_(scan_ids))
+                                 .distinct()))
     return ReportData(title=REPORT_TITLE, generated_at=generated_at, tool_version=__version__,
                       database=database, since=since, until=until, clusters=tuple(reports),
-                      not_scanned=tuple(not_scanned), scan_ids=tuple(scan_ids))
+                      not_scanned=tuple(not_scanned), scan_ids=tuple(scan_ids),
+                      emulated=triggers == {"demo"})
 
 
 def _sessions(source: Store | sessionmaker[Session] | Engine) -> tuple[sessionmaker[Session], str]:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import subprocess
+import sys
+from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -9,6 +15,8 @@ from pypdf import PdfReader
 from sqlalchemy import create_engine, text
 
 from scanner.cli import main
+from scanner.demo import claim_block
+from scanner.errors import FelixscanError
 
 
 def test_demo_replays_a_week_and_writes_verifiable_reports(
@@ -43,3 +51,45 @@ def test_demo_replays_a_week_and_writes_verifiable_reports(
         assert drift == 1  # the night the rollout reached 9 of 12 nodes
     engine.dispose()
     assert not (tmp_path / "demo-kubeconfig").exists()
+
+
+def test_demo_report_is_marked_emulated_and_generated_now(tmp_path: Path) -> None:
+    """A demo report says it is emulated data, and shows when it was really made (not the
+    replayed night)."""
+    before = datetime.now(UTC).replace(microsecond=0)
+    assert main(["demo", "--out-dir", str(tmp_path), "--days", "5"]) == 0
+    text_of_pdf = " ".join(" ".join(page.extract_text().split())
+                           for page in PdfReader(tmp_path / "demo-report.pdf").pages)
+    assert "felixscan demo against emulated clusters" in text_of_pdf
+    html = (tmp_path / "demo-report.html").read_text()
+    stamp = re.search(r'name="dcterms.created" content="([^"]+)"', html)
+    assert stamp is not None and datetime.fromisoformat(stamp.group(1)) >= before
+
+
+def test_demo_blocks_are_claimed_and_checked(tmp_path: Path) -> None:
+    """A block another demo holds, or where something listens on 9091, is skipped; none free
+    is one clear error."""
+    blocks = ["127.59.240.0", "127.59.224.0", "127.59.208.0"]
+    with ExitStack() as held:
+        assert claim_block(held, blocks=blocks) == blocks[0]  # held until this stack closes
+        with socket.socket() as squatter, ExitStack() as second:
+            squatter.bind(("127.59.224.7", 9091))
+            squatter.listen()
+            assert claim_block(second, blocks=blocks) == blocks[2]
+            with ExitStack() as third, pytest.raises(FelixscanError, match="no free loopback"):
+                claim_block(third, blocks=blocks)
+
+
+def test_two_demos_at_once_both_succeed_with_the_same_results(tmp_path: Path) -> None:
+    """Two copies on one machine: each gets its own address block and the same story."""
+    procs = [subprocess.Popen([sys.executable, "-m", "scanner", "demo", "--out-dir",
+                               str(tmp_path / name), "--days", "5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    stories = [[line.split(": ", 1)[1] for line in out.splitlines() if " scan " in line]
+               for out, _err in outs]
+    assert stories[0] == stories[1] and len(stories[0]) == 5
+    blocks = {re.search(r"nodes on (\S+)\.x", out).group(1) for out, _err in outs}  # type: ignore[union-attr]
+    assert len(blocks) == 2
