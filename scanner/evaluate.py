@@ -209,6 +209,16 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
             f"FelixConfiguration {problem.config} has a nodeSelector Felix cannot parse "
             f"({problem.message}); Felix drops this resource, the others still apply",
             evidence={"config": problem.config, "selector": problem.selector})
+    outside = sorted((p for p in snapshot.pods if p.owner != snapshot.daemonset),
+                     key=lambda p: p.name)
+    if outside:
+        owners = sorted({p.owner or "(no DaemonSet)" for p in outside})
+        add("CALICO-POD-OUTSIDE-DAEMONSET",
+            f"{len(outside)} calico-node pod(s) not owned by DaemonSet {snapshot.namespace}/"
+            f"{snapshot.daemonset} (owned by: {', '.join(owners)}); each is evaluated from its "
+            "own spec",
+            evidence={"pods": [{"name": p.name, "node": p.node, "owner": p.owner}
+                               for p in outside[:_EVIDENCE_NODES]], "pod_count": len(outside)})
     ignored = _ignored_selectors(snapshot)
     if ignored:
         add("FELIX-CONFIG-SELECTOR-IGNORED",

@@ -96,6 +96,11 @@ RULES: dict[str, Rule] = {
              "A selector-scoped FelixConfiguration has a nodeSelector Felix cannot parse",
              "Felix ignores the whole resource, so the settings meant for those nodes do not "
              "apply: fix the selector (Calico selector syntax) or delete the resource."),
+        Rule("CALICO-POD-OUTSIDE-DAEMONSET", "medium",
+             "calico-node pods run outside the calico-node DaemonSet felixscan found",
+             "Find out why (a second DaemonSet per OS or node pool, a pod created by hand, a "
+             "leftover of an install migration); remediation changes only the DaemonSet it "
+             "found, so fix the others' configuration at their own source."),
         Rule("FELIX-CONFIG-SELECTOR-IGNORED", "info",
              "Selector-scoped FelixConfigurations are ignored by this Calico version",
              "Selector-scoped FelixConfiguration needs calico-node v3.32 or later; until the "

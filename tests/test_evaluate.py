@@ -63,7 +63,8 @@ def snap(*, env: tuple[EnvVar, ...] = (), nodes: int = 3, stale: tuple[str, ...]
         felix_configs=(), felix_crd=True, installation=installation,
         rollout=rollout or Rollout(2, 2, nodes, nodes, nodes, nodes, "new", "RollingUpdate", "1"),
         pods=tuple(Pod(name=f"calico-node-{n}", node=n, phase="Running",
-                       revision="old" if n in stale else "new", ready=True) for n in names),
+                       revision="old" if n in stale else "new", ready=True,
+                       owner="calico-node") for n in names),
         nodes=tuple(Node(name=n, addresses=(("InternalIP", f"127.0.0.{i + 1}"),), ready=True)
                     for i, n in enumerate(names)),
         collected_at=NOW)

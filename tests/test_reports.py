@@ -67,7 +67,7 @@ def cluster_result(cluster: str, at: datetime, spec: dict[str, str], *,
         installation=None,
         rollout=Rollout(2, 2, len(names), len(names), len(names), len(names), "r1",
                         "RollingUpdate", "1"),
-        pods=tuple(Pod(f"calico-node-{i}", n, "Running", "r1", True)
+        pods=tuple(Pod(f"calico-node-{i}", n, "Running", "r1", True, owner="calico-node")
                    for i, n in enumerate(names)),
         nodes=nodes, collected_at=at)
     declared = Declared(enabled=enabled, source="env FELIX_PROMETHEUSMETRICSENABLED", port=9091,

@@ -276,6 +276,8 @@ def test_calico_node_pod_not_owned_by_the_daemonset_is_read(harness: Harness,
     _extra_pod(harness, "stray", node, "felix-debug", owned=False, env=ON)
     c = harness.scan(sqlite_url).cluster("stray")
     assert verdicts(c) == ["pass", "fail"]
+    named = next(f for f in c["findings"] if f["id"] == "CALICO-POD-OUTSIDE-DAEMONSET")
+    assert "1 calico-node pod(s)" in named["message"] and "(no DaemonSet)" in named["message"]
 
 
 def test_node_without_calico_pod_is_said_and_still_probed(harness: Harness,

@@ -55,7 +55,7 @@ def make_result(cluster: str, when: datetime, nodes: Sequence[tuple[str, str]]) 
         address = f"10.0.{i // 250}.{i % 250 + 1}"
         ready = state != "filtered"  # a NotReady node that drops the SYN proves nothing
         snap_nodes.append(Node(name=name, addresses=(("InternalIP", address),), ready=ready))
-        pods.append(Pod(f"calico-node-{i}", name, "Running", "rev1", ready))
+        pods.append(Pod(f"calico-node-{i}", name, "Running", "rev1", ready, owner="calico-node"))
         if state == "felix":
             probes.append(ProbeResult(name, address, 9091, "open", "http", True, 200,
                                       felix_host=name))
