@@ -240,14 +240,16 @@ def test_old_revision_pod_behind_a_firewall_fails(harness: Harness, sqlite_url: 
 
 
 def _extra_pod(harness: Harness, cluster: str, node: str, name: str, *, owned: bool,
-               env: dict[str, str]) -> None:
+               env: dict[str, str], owner: dict[str, Any] | None = None) -> None:
     handle = harness.handles[cluster]
     pod = handle.pod_on(node)
     assert pod is not None
     pod["metadata"]["name"] = name
     for key in ("uid", "resourceVersion", "creationTimestamp"):
         pod["metadata"].pop(key, None)
-    if not owned:
+    if owner is not None:
+        pod["metadata"]["ownerReferences"] = [owner]
+    elif not owned:
         pod["metadata"].pop("ownerReferences", None)
         pod["metadata"]["labels"] = {"app": "felix-debug"}
     container = next(c for c in pod["spec"]["containers"] if c["name"] == "calico-node")
@@ -278,6 +280,25 @@ def test_calico_node_pod_not_owned_by_the_daemonset_is_read(harness: Harness,
     assert verdicts(c) == ["pass", "fail"]
     named = next(f for f in c["findings"] if f["id"] == "CALICO-POD-OUTSIDE-DAEMONSET")
     assert "1 calico-node pod(s)" in named["message"] and "(no DaemonSet)" in named["message"]
+
+
+def test_a_second_calico_node_daemonset_is_read(harness: Harness, sqlite_url: str) -> None:
+    """One DaemonSet per node pool: the pods of the one felixscan did not pick count too."""
+    handle = harness.cluster("pools", [silent(), silent()], env=OFF)
+    emu = harness.emulators["pools"]
+    second = json.loads(json.dumps(handle.daemonset_object()))
+    second["metadata"] = {"name": "calico-node-pool-b", "namespace": handle.namespace}
+    second.pop("status", None)
+    stored = emu.add(second)
+    owner = {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "calico-node-pool-b",
+             "uid": stored["metadata"]["uid"], "controller": True}
+    _extra_pod(harness, "pools", handle.nodes[0].name, "calico-node-pool-b-x1", owned=True,
+               env=ON, owner=owner)
+    c = harness.scan(sqlite_url).cluster("pools")
+    assert verdicts(c) == ["fail", "pass"]
+    assert c["nodes"][0]["pod"] == "calico-node-pool-b-x1"
+    assert "calico-node-pool-b" in next(f["message"] for f in c["findings"]
+                                        if f["id"] == "CALICO-POD-OUTSIDE-DAEMONSET")
 
 
 def test_node_without_calico_pod_is_said_and_still_probed(harness: Harness,
