@@ -1,23 +1,31 @@
 """Webhook alerts when a cluster turns non-compliant or recovers (Slack-compatible JSON).
 
 `transition` decides (pure); `AlertSender` posts from its own thread with retries and
-exponential backoff, so a slow or dead receiver never delays a scan. The webhook URL is a
-credential (Slack's holds a token): only its scheme and host are ever logged.
+exponential backoff, so a slow or dead receiver never delays a scan. Each attempt has a total
+deadline (`timeout_seconds`: connect, send and the whole answer), and no answer can stop the
+thread. The webhook URL is a credential (Slack's holds a token): only its scheme and host are
+ever logged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import http.client
 import json
 import logging
 import queue
 import random
+import socket
 import threading
+import time
+import traceback
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
@@ -105,6 +113,25 @@ def redact_webhook(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or '?'}/..."
 
 
+def retry_after_seconds(value: str, *, now: datetime) -> float | None:
+    """The wait a `Retry-After` header asks for, at most MAX_BACKOFF; None when it is neither
+    delta-seconds in ASCII digits nor an HTTP date (RFC 9110, 10.2.3).
+
+    `str.isdigit` is not the test: it accepts `²` and `٣`, which `int` and `float` refuse,
+    and `int` refuses more than 4,300 digits.
+    """
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return MAX_BACKOFF if len(text) > 6 else min(float(int(text)), MAX_BACKOFF)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, OverflowError):  # not a date, or an impossible one
+        return None
+    if when.tzinfo is None:  # "-0000": a date in UTC with no zone stated
+        when = when.replace(tzinfo=UTC)
+    return min(max((when - now).total_seconds(), 0.0), MAX_BACKOFF)
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A webhook that redirects is misconfigured; following it could post the alert anywhere."""
 
@@ -112,11 +139,111 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _Deadline:
+    """One attempt's total time. When it runs out, the sockets of the attempt are shut down,
+    which ends at once a TLS handshake, a send or a read blocked on them: a socket timeout
+    alone bounds each read, and a receiver sending a byte a second never trips it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._handles: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        # A second descriptor of the same socket: shutting it down also ends I/O on the
+        # original after TLS has wrapped it (wrapping moves the original's descriptor).
+        with self._lock:
+            self._handles.append(sock.dup())
+            if self.expired:
+                self._cut()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            self._cut()
+
+    def _cut(self) -> None:
+        for handle in self._handles:
+            with contextlib.suppress(OSError):  # already closed by the peer
+                handle.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for handle in self._handles:
+                handle.close()
+            self._handles.clear()
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, /, *, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)
+        self._create_connection = _watched_connect(deadline)
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, /, *, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)
+        self._create_connection = _watched_connect(deadline)
+
+
+def _watched_connect(deadline: _Deadline) -> Callable[..., socket.socket]:
+    def connect(address: tuple[str, int], timeout: Any,
+                source_address: tuple[str, int] | None = None) -> socket.socket:
+        sock = socket.create_connection(address, timeout, source_address)
+        deadline.watch(sock)
+        return sock
+    return connect
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        def connection(host: str, /, **kwargs: Any) -> http.client.HTTPConnection:
+            return _WatchedHTTPConnection(host, deadline=self._deadline, **kwargs)
+        return self.do_open(connection, req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        # No context given: http.client makes its default one, as urllib's own handler does.
+        def connection(host: str, /, **kwargs: Any) -> http.client.HTTPConnection:
+            return _WatchedHTTPSConnection(host, deadline=self._deadline, **kwargs)
+        return self.do_open(connection, req)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertHealth:
+    """The alert worker's state, for /readyz: `ok`, `stuck` or `stopped`."""
+
+    state: Literal["ok", "stuck", "stopped"]
+    queued: int  # alerts not yet delivered or given up, the one in hand included
+    reason: str | None = None
+
+
 class AlertSender:
-    """Posts alerts from a background thread; `send` only queues and never blocks."""
+    """Posts alerts from a background thread; `send` only queues and never blocks.
+
+    `stuck_after`: seconds one alert may stay in hand before `health()` calls the worker
+    stuck; by default the longest a delivery can take (every attempt's deadline, every wait
+    at its longest), plus a minute.
+    """
 
     def __init__(self, settings: AlertSettings, *,
-                 sleep: Callable[[float], object] | None = None) -> None:
+                 sleep: Callable[[float], object] | None = None,
+                 stuck_after: float | None = None) -> None:
         if not settings.webhook_url:
             raise ValueError("AlertSender needs alerts.webhook_url")
         self.settings = settings
@@ -124,25 +251,65 @@ class AlertSender:
         self._queue: queue.Queue[Alert | None] = queue.Queue(maxsize=QUEUE_SIZE)
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait  # waits end early on close()
-        self._opener = urllib.request.build_opener(_NoRedirect)
         self._thread = threading.Thread(target=self._work, name="alerts", daemon=True)
         self.delivered = 0
         self.failed = 0
+        self.stuck_after = stuck_after if stuck_after is not None else (
+            (settings.retries + 1) * settings.timeout_seconds
+            + settings.retries * MAX_BACKOFF * 1.1 + 60.0)
+        self._pending: deque[float] = deque()  # monotonic time each unfinished alert was queued
+        self._pending_lock = threading.Lock()
+        self._in_hand_since: float | None = None
+        self._reported_stuck = False
+        self._closing = False
         self._thread.start()
 
     def send(self, alert: Alert) -> bool:
         """Queue the alert; False (and an error in the log) when the queue is full."""
+        with self._pending_lock:
+            self._pending.append(time.monotonic())
         try:
             self._queue.put_nowait(alert)
         except queue.Full:
+            with self._pending_lock:
+                self._pending.pop()
             log.error("alert for %s dropped: %d alerts are waiting for %s", alert.cluster,
                       QUEUE_SIZE, redact_webhook(self._url))
             return False
+        if not self.alive() and not self._closing:
+            log.error("alert for %s queued, but the alert worker is not running: it will not "
+                      "be sent", alert.cluster)
         return True
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def health(self) -> AlertHealth:
+        """For /readyz: `stopped` once the worker thread is gone, `stuck` while one alert has
+        been in hand longer than `stuck_after`, else `ok`."""
+        with self._pending_lock:
+            queued = len(self._pending)
+        if not self.alive():
+            return AlertHealth("stopped", queued, "the alert worker is not running; "
+                               f"{queued} alert(s) waiting will not be sent")
+        since = self._in_hand_since
+        held = time.monotonic() - since if since is not None else 0.0
+        if held <= self.stuck_after:
+            return AlertHealth("ok", queued)
+        with self._pending_lock:
+            oldest = time.monotonic() - self._pending[0] if self._pending else held
+        reason = (f"an alert has been in delivery for {held:.1f} s (any delivery ends within "
+                  f"{self.stuck_after:g} s); {queued - 1} more waiting, the oldest queued "
+                  f"{oldest:.0f} s ago")
+        if not self._reported_stuck:
+            self._reported_stuck = True
+            log.error("alert worker stuck: %s", reason)
+        return AlertHealth("stuck", queued, reason)
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued within `timeout`, then stop retrying."""
         # When the queue is full, the stop below ends the worker between two alerts instead.
+        self._closing = True
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
         self._thread.join(timeout)
@@ -154,7 +321,27 @@ class AlertSender:
             alert = self._queue.get()
             if alert is None or self._stop.is_set():
                 return
-            self._deliver(alert)
+            self._in_hand_since = time.monotonic()
+            try:
+                self._deliver(alert)
+            except Exception as exc:
+                # This thread is the only one posting: one alert, whatever went wrong with it,
+                # must not stop the alerts after it.
+                self.failed += 1
+                log.error("alert %s for %s NOT delivered to %s: unexpected error\n%s",
+                          alert.event, alert.cluster, redact_webhook(self._url),
+                          self._redact("".join(traceback.format_exception(exc)).rstrip()))
+            finally:
+                self._in_hand_since = None
+                self._reported_stuck = False
+                with self._pending_lock:
+                    self._pending.popleft()
+
+    def _redact(self, text: str) -> str:
+        """`text` without the webhook URL or its path (the credential)."""
+        text = text.replace(self._url, redact_webhook(self._url))
+        path = urlsplit(self._url).path
+        return text.replace(path, "/...") if len(path) > 1 else text
 
     def _deliver(self, alert: Alert) -> None:
         body = json.dumps(payload(alert)).encode("utf-8")
@@ -183,22 +370,37 @@ class AlertSender:
             headers={"Content-Type": "application/json",
                      "User-Agent": f"felixscan/{__version__}"})
         where = redact_webhook(self._url)
+        limit = self.settings.timeout_seconds
+        deadline = _Deadline(limit)
+        opener = urllib.request.build_opener(
+            _NoRedirect, _DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline))
         try:
-            with self._opener.open(request, timeout=self.settings.timeout_seconds) as resp:
-                resp.read(65536)
+            with opener.open(request, timeout=limit) as resp:
+                # The status said delivered; the rest of the answer is not worth a retry.
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    resp.read(65536)
                 return None
         except urllib.error.HTTPError as exc:
             status = exc.code
             if status == 429 or status >= 500:
                 log.warning("alert webhook %s answered %d; retrying", where, status)
-                retry_after = exc.headers.get("Retry-After", "")
-                return min(float(retry_after), MAX_BACKOFF) if retry_after.isdigit() else 0.0
+                wait = retry_after_seconds(exc.headers.get("Retry-After", ""),
+                                           now=datetime.now(UTC))
+                return 0.0 if wait is None else wait
             log.error("alert webhook %s refused the alert: HTTP %d", where, status)
             return -1.0
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            log.warning("alert webhook %s unreachable (%s); retrying", where, reason)
+        except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+            if deadline.expired:
+                log.warning("alert webhook %s: no whole answer within %g s; retrying", where,
+                            limit)
+            else:
+                # The receiver writes some of these messages (a bad status line): quoted, cut.
+                reason = self._redact(str(getattr(exc, "reason", None) or exc))
+                log.warning("alert webhook %s unreachable or answering garbage (%s: %.200r); "
+                            "retrying", where, type(exc).__name__, reason)
             return 0.0
+        finally:
+            deadline.close()
 
 
 def build_alert(*, event: Event, cluster: str, status: str, previous: str | None,

@@ -9,9 +9,9 @@ the login form's session cookie. `/healthz`, `/readyz`, `/login` and the stylesh
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -35,8 +35,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reports.web import ReportCache, history_chart, render_page, sparkline, stylesheet
 from scanner import __version__
+from scanner.alerts import AlertHealth
 from scanner.errors import ConfigError, ReportError, StoreError
-from scanner.serve import JobInfo, describe_jobs
+from scanner.serve import JobInfo, ScanScheduler, describe_jobs
 from scanner.store import Store
 from scanner.trends import trend
 from scanner.web_queries import (
@@ -60,8 +61,13 @@ CLUSTER_DAYS = (30, 90, 180, 365)
 MAX_PERIOD_DAYS = 3660
 DOWNLOAD_THREADS = 8  # report downloads prepared at once (found, or rendered, and opened)
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")  # as in scanner.config
-_PERIOD_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})_(\d{4}-\d{2}-\d{2})\.(pdf|html)$")
+# [0-9], not \d: \d also matches the digits of other scripts.
+_DATE = "([0-9]{4}-[0-9]{2}-[0-9]{2})"
+_PERIOD_FILE = re.compile(rf"^{_DATE}_{_DATE}\.(pdf|html)$")
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/assets/web.css"})
+_HEALTH_PATHS = frozenset({"/healthz", "/readyz"})  # never read the token
+_LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
+_MAX_TOKEN_FILE = 4096  # bytes
 PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
             "frame-ancestors 'none'; base-uri 'none'")
 # A downloaded HTML report carries its own inline stylesheet; it gets no script, no fetches,
@@ -78,16 +84,29 @@ class ScheduleView(Protocol):
     def jobs(self) -> Mapping[str, JobInfo]: ...
 
 
+class AlertView(Protocol):
+    """What /readyz needs of the alert sender (`scanner.alerts.AlertSender`)."""
+
+    def health(self) -> AlertHealth: ...
+
+
 # --- access --------------------------------------------------------------------------------
 
 
 class Auth:
-    """The access token, from the environment or a mounted file (re-read when it changes)."""
+    """The access token, from the environment or a mounted file.
+
+    The file is read on each request that needs the token, so a rotated Secret takes effect
+    at once. A file that cannot be read or holds no good token (empty, shorter than
+    MIN_TOKEN, spaces) is refused at start; later, the last good token stays in use and the
+    problem is logged once per change of the file, not per request.
+    """
 
     def __init__(self, *, token: str | None = None, token_file: Path | None = None) -> None:
-        self._token = token
+        self._token = token  # with a file: the last good token read from it
         self._file = token_file
-        self._file_state: tuple[int, str] | None = None
+        self._seen: bytes | str | None = None  # the file's last content, or why it was unread
+        self._file_bad = False  # its last change was refused (and logged)
         if token is not None:
             _check_token(token, "FELIXSCAN_WEB_TOKEN")
         if token_file is not None:
@@ -108,21 +127,44 @@ class Auth:
     def token(self) -> str | None:
         if self._file is None:
             return self._token
+        seen: bytes | str
         try:
-            mtime = self._file.stat().st_mtime_ns
-            if self._file_state is None or self._file_state[0] != mtime:
-                text = self._file.read_text(encoding="utf-8").strip()
-                _check_token(text, f"FELIXSCAN_WEB_TOKEN_FILE ({self._file})")
-                self._file_state = (mtime, text)
+            with self._file.open("rb") as f:
+                seen = f.read(_MAX_TOKEN_FILE + 1)
         except OSError as exc:
-            if self._file_state is None:
-                raise ConfigError(f"cannot read the token file {self._file}: "
-                                  f"{exc.strerror or exc}",
-                                  key="FELIXSCAN_WEB_TOKEN_FILE") from exc
-            # A secret being rotated may vanish for a moment; keep the last good token.
-            log.warning("token file %s unreadable (%s); using the last token read",
-                        self._file, exc.strerror or exc)
-        return self._file_state[1] if self._file_state else None
+            seen = f"cannot be read ({exc.strerror or exc})"
+        if seen != self._seen:
+            self._seen = seen
+            self._take(seen)
+        return self._token
+
+    def _take(self, seen: bytes | str) -> None:
+        """Use the file's new content if it is a good token; else say why, once."""
+        text = ""
+        if isinstance(seen, str):
+            problem: str | None = seen
+        elif len(seen) > _MAX_TOKEN_FILE:
+            problem = f"is longer than {_MAX_TOKEN_FILE} bytes"
+        else:
+            try:
+                text = seen.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                problem = "is not UTF-8 text"
+            else:
+                problem = _token_problem(text)
+        if problem is None:
+            if self._token is not None and (self._token != text or self._file_bad):
+                log.info("token file %s holds a good token again%s", self._file,
+                         ": a new one, now in use" if self._token != text else "")
+            self._token = text
+            self._file_bad = False
+            return
+        if self._token is None:
+            raise ConfigError(f"the token file {self._file} {problem}",
+                              key="FELIXSCAN_WEB_TOKEN_FILE")
+        # A Secret being rotated may be empty or gone for a moment: keep serving.
+        self._file_bad = True
+        log.warning("token file %s %s; the last good token stays in use", self._file, problem)
 
     def check(self, headers: Headers) -> tuple[bool, bool]:
         """(allowed, by session cookie) for a request's headers."""
@@ -137,7 +179,7 @@ class Auth:
         if scheme.lower() == "basic" and value:
             try:
                 _user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8
                 return False, False
             return _same(password, token), False
         cookie = _cookie(headers.get("cookie", ""), SESSION_COOKIE)
@@ -153,17 +195,29 @@ class Auth:
 
     def _session_valid(self, cookie: str, token: str) -> bool:
         expires_text, _, mac = cookie.partition(".")
-        if not expires_text.isdigit() or int(expires_text) < time.time():
+        # ASCII digits only (`isdigit` takes `²`, which `int` refuses), and few of them
+        # (`int` refuses more than 4,300): anything else is no session, not an error.
+        if not _ascii_number(expires_text, 12) or int(expires_text) < time.time():
             return False
-        return hmac.compare_digest(mac, _session_mac(token, int(expires_text)))
+        return hmac.compare_digest(mac.encode("utf-8"),
+                                   _session_mac(token, int(expires_text)).encode("ascii"))
 
     def login(self, candidate: str) -> bool:
         token = self.token()
         return token is not None and _same(candidate, token)
 
 
-def _check_token(token: str, where: str) -> None:
+def _token_problem(token: str) -> str | None:
+    if not token:
+        return "is empty"
     if len(token) < MIN_TOKEN or any(c.isspace() for c in token):
+        return (f"holds a bad token: the token must be at least {MIN_TOKEN} characters "
+                "without spaces")
+    return None
+
+
+def _check_token(token: str, where: str) -> None:
+    if _token_problem(token) is not None:
         raise ConfigError(f"the token must be at least {MIN_TOKEN} characters without spaces "
                           "(e.g. `openssl rand -hex 24`)", key=where)
 
@@ -187,12 +241,31 @@ def _cookie(header: str, name: str) -> str | None:
 
 
 def _loopback_host(host_header: str | None) -> bool:
-    """The Host names a loopback address (DNS rebinding guard for the open, token-less mode)."""
-    if not host_header:
+    """The Host names a loopback address (DNS rebinding guard for the open, token-less mode).
+
+    Only `localhost`, an IPv4 literal in 127.0.0.0/8 or `[::1]`, each with an optional port:
+    a name that merely starts with `127.` is anyone's DNS name.
+    """
+    host = (host_header or "").lower()
+    if host.startswith("["):
+        literal, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not (port.startswith(":") and _ascii_number(port[1:], 5))):
+            return False
+        return literal == "::1"  # also refuses zones (`::1%lo`) and mapped IPv4
+    name, colon, port = host.partition(":")
+    if colon and not _ascii_number(port, 5):
         return False
-    host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
-    host = host.strip("[]").lower()
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.IPv4Address(name) in _LOOPBACK_V4
+    except ValueError:
+        return False
+
+
+def _ascii_number(text: str, digits: int) -> bool:
+    """1 to `digits` ASCII digits (`str.isdigit` also takes `²` and `٣`)."""
+    return 0 < len(text) <= digits and text.isascii() and text.isdigit()
 
 
 class Guard:
@@ -226,6 +299,10 @@ class Guard:
                                                 "only; set FELIXSCAN_WEB_TOKEN")
             await response(scope, receive, send_with_headers)
             return
+        if path in _HEALTH_PATHS:
+            # Probes never depend on the token (nor on its file being readable).
+            await self.app(scope, receive, send_with_headers)
+            return
         allowed, by_session = self.auth.check(headers)
         scope.setdefault("state", {})["session"] = by_session
         if not allowed and path not in _OPEN_PATHS:
@@ -236,15 +313,22 @@ class Guard:
 
 
 def _unauthorized(path: str, scope: Scope) -> Response:
-    challenge = {"www-authenticate": 'Bearer realm="felixscan"'}
+    response: Response
     if path.startswith("/api/"):
-        return _json({"error": "unauthorized",
-                      "detail": "send Authorization: Bearer TOKEN"}, 401, challenge)
-    query = scope.get("query_string", b"").decode("latin-1")
-    target = path + (f"?{query}" if query else "")
-    body = render_page("web_login.html.j2", **_base(session=False), message=None,
-                       next=target if _safe_next(target) else "/")
-    return HTMLResponse(body, 401, headers=challenge)
+        response = _json({"error": "unauthorized",
+                          "detail": "send Authorization: Bearer TOKEN"}, 401)
+    else:
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = path + (f"?{query}" if query else "")
+        body = render_page("web_login.html.j2", **_base(session=False), message=None,
+                           next=target if _safe_next(target) else "/")
+        response = HTMLResponse(body, 401)
+    # Two challenges, on two lines (Firefox reads one per line): API clients send Bearer;
+    # browsers know no Bearer, and only a Basic challenge makes them ask for the token
+    # (as password, any user name). Cancelling the prompt shows the login form below.
+    response.headers.append("www-authenticate", 'Bearer realm="felixscan"')
+    response.headers.append("www-authenticate", 'Basic realm="felixscan"')
+    return response
 
 
 def _safe_next(target: str) -> bool:
@@ -298,9 +382,22 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not _ascii_number(raw, 20) or not low <= int(raw) <= high:
         raise HTTPException(400, f"{name}: expected a whole number from {low} to {high}")
     return int(raw)
+
+
+def _plausible_name(name: str) -> bool:
+    """Could be a stored cluster name: no control character (PostgreSQL refuses NUL in a
+    parameter, and the store escapes every control character), not over the column's size."""
+    return 0 < len(name) <= 255 and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
+def _cluster_param(request: Request) -> str | None:
+    name = request.query_params.get("cluster") or None
+    if name is not None and not _plausible_name(name):
+        raise HTTPException(400, "cluster: not a cluster name")
+    return name
 
 
 def _date_param(raw: str | None, name: str) -> date:
@@ -337,10 +434,16 @@ class _Row:
 
 def create_app(*, store: Store, auth: Auth, reports: ReportCache,
                schedule: ScheduleView | None = None, clusters: Sequence[str] = (),
-               clock: Callable[[], datetime] | None = None) -> ASGIApp:
-    """The ASGI app. `clusters`: configured names, listed even before their first scan."""
+               clock: Callable[[], datetime] | None = None,
+               alerts: AlertView | None = None) -> ASGIApp:
+    """The ASGI app. `clusters`: configured names, listed even before their first scan.
+
+    `alerts`: the alert sender whose worker /readyz checks; by default the scheduler's.
+    """
     now_fn = clock or (lambda: datetime.now(UTC))
     configured = tuple(clusters)
+    if alerts is None and isinstance(schedule, ScanScheduler):
+        alerts = schedule.alerts
 
     def base(request: Request) -> dict[str, Any]:
         return _base(session=bool(request.scope.get("state", {}).get("session")),
@@ -379,7 +482,7 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
         now = now_fn()
         today = now.date()
         since = today - timedelta(days=days - 1)
-        page = cluster_page(store, name, since=since)
+        page = cluster_page(store, name, since=since) if _plausible_name(name) else None
         if page is None:
             if name in configured:
                 return page_error(request, 404, "Not scanned yet",
@@ -500,7 +603,14 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
             checks["database"] = "unreachable"
         if schedule is not None:
             checks["scheduler"] = "running" if schedule.running() else "stopped"
-        ready = checks["database"] == "ok" and checks.get("scheduler", "running") == "running"
+        if alerts is not None:
+            # A dead or stuck worker would let every later alert wait in silence.
+            health = alerts.health()
+            checks["alerts"] = health.state
+            if health.reason:
+                checks["reason"] = health.reason
+        ready = (checks["database"] == "ok" and checks.get("scheduler", "running") == "running"
+                 and checks.get("alerts", "ok") == "ok")
         return _json({"status": "ready" if ready else "not ready", **checks},
                      200 if ready else 503)
 
@@ -518,7 +628,7 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
         name = request.path_params["name"]
         days = _int_param(request, "days", 90, 1, MAX_PERIOD_DAYS)
         since = now_fn().date() - timedelta(days=days - 1)
-        page = cluster_page(store, name, since=since)
+        page = cluster_page(store, name, since=since) if _plausible_name(name) else None
         if page is None:
             raise HTTPException(404, "the database has no scan of this cluster")
         return _json({
@@ -541,7 +651,7 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
     def api_scans(request: Request) -> Response:
         limit = _int_param(request, "limit", 50, 1, 500)
         before = _int_param(request, "before", 0, 1, 2**62) or None
-        cluster_name = request.query_params.get("cluster") or None
+        cluster_name = _cluster_param(request)
         return _json([_scan_json(s) for s in list_scans(store, cluster=cluster_name,
                                                           limit=limit, before=before)])
 
@@ -555,7 +665,7 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
 
     def api_trend(request: Request) -> Response:
         days = _int_param(request, "days", 30, 1, MAX_PERIOD_DAYS)
-        cluster_name = request.query_params.get("cluster")
+        cluster_name = _cluster_param(request)
         return _json([t.as_dict() for t in trend(store, clusters=[cluster_name] if cluster_name
                                                  else (), days=days, today=now_fn().date())])
 
@@ -784,8 +894,9 @@ def openapi() -> dict[str, Any]:
             "/healthz": {"get": {"summary": "The process is alive (no token needed)",
                                  "security": [],
                                  "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"summary": "Database reachable and scheduler running (no "
-                                           "token needed)", "security": [],
+            "/readyz": {"get": {"summary": "Database reachable, scheduler running, alert "
+                                           "worker alive and not stuck (no token needed)",
+                                "security": [],
                                 "responses": {"200": {"description": "ready"},
                                               "503": {"description": "not ready"}}}},
         },

@@ -9,7 +9,7 @@ import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -138,8 +138,9 @@ def served(app: Any) -> Iterator[str]:
 @dataclass
 class Resp:
     status: int
-    headers: dict[str, str]
+    headers: dict[str, str]  # the last line of each header
     body: bytes
+    lines: list[tuple[str, str]] = field(default_factory=list)  # every header line
 
     @property
     def text(self) -> str:
@@ -161,7 +162,8 @@ def fetch(base: str, path: str, *, token: str | None = TOKEN, method: str = "GET
             h.setdefault("Authorization", f"Bearer {token}")
         conn.request(method, path, body=body, headers=h)
         r = conn.getresponse()
-        return Resp(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        return Resp(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read(),
+                    [(k.lower(), v) for k, v in r.getheaders()])
     finally:
         conn.close()
 
@@ -197,7 +199,8 @@ def test_every_page_needs_the_token(base: str, path: str) -> None:
     for token in (None, "wrong-token-wrong-token"):
         r = fetch(base, path, token=token)
         assert r.status == 401
-        assert r.headers["www-authenticate"] == 'Bearer realm="felixscan"'
+        assert [v for k, v in r.lines if k == "www-authenticate"] == [
+            'Bearer realm="felixscan"', 'Basic realm="felixscan"']  # Basic: browsers prompt
         assert r.headers["cache-control"] == "no-store"
         if path.startswith("/api/"):
             assert r.json()["error"] == "unauthorized"
