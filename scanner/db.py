@@ -283,17 +283,26 @@ class RemediationAction(Base):
 
 
 class Lease(Base):
-    """A named lease (e.g. `scan:prod-east`) for databases without advisory locks (SQLite).
+    """Who holds a named lock (`cluster:prod-east`, `run:42`), and the fence its writes check.
 
-    A holder that crashed stops renewing; its lease expires and another process may take it.
+    SQLite (no advisory locks): the row is the lock. A holder that crashed stops renewing; its
+    lease expires and another process may take it, at once when the holder was a process of
+    this machine that is gone. PostgreSQL: the advisory lock decides and `expires_at` is not
+    used (it equals `acquired_at`); the row names the holder, and a result is stored only while
+    it still names the process that stores it.
     """
 
     __tablename__ = "leases"
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
-    holder: Mapped[str] = mapped_column(String(255))
+    holder: Mapped[str] = mapped_column(String(255))  # one id per acquisition
     acquired_at: Mapped[datetime]
     expires_at: Mapped[datetime]
+    host: Mapped[str | None] = mapped_column(String(255))  # the holder's hostname
+    pid: Mapped[int | None] = mapped_column(Integer)  # the holder's process id on that host
+    # Boot id and PID namespace: pids are comparable only between processes of the same one
+    # (containers sharing a hostname have PID namespaces of their own).
+    pid_scope: Mapped[str | None] = mapped_column(String(128))
 
 
 def normalise_url(url: str) -> str:

@@ -1,11 +1,14 @@
-"""The scheduler's bookkeeping rows in `scan_runs`: skipped runs and runs aborted at shutdown.
+"""Bookkeeping rows in `scan_runs`: skipped runs, runs aborted at shutdown, and runs whose
+process is gone.
 
 Part of the store layer (with `scanner.store`, which writes the scans themselves). Each function
-is one transaction, so a crash leaves either the whole row or nothing.
+is one transaction per row, so a crash leaves either the whole row or nothing.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -13,8 +16,11 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select, update
 
 from scanner import __version__
-from scanner.db import ClusterScan, ScanRun
+from scanner.db import ClusterScan, Lease, ScanRun
+from scanner.locks import RUN_LOCK_PREFIX, DatabaseLock
 from scanner.store import Store
+
+log = logging.getLogger(__name__)
 
 SKIPPED = "skipped"
 ABORTED = "aborted"
@@ -53,6 +59,45 @@ def abort_runs(store: Store, run_ids: Iterable[int], *, at: datetime | None = No
             s.execute(update(ScanRun).where(ScanRun.id.in_(marked),
                                             ScanRun.status == "running")
                       .values(status=ABORTED, finished_at=when))
+    return marked
+
+
+def reconcile_runs(store: Store, locks: DatabaseLock, *, at: datetime | None = None) -> list[int]:
+    """Mark `running` runs whose process is gone as aborted, with a note saying who ran them
+    and how that is known; returns their ids.
+
+    A run holds the lock `run:<id>` while it runs (`scanner.scan.run_scan`). Its process is gone
+    when that lock is: a process of this machine that no longer exists, an expired lease (on
+    SQLite, any host), a PostgreSQL session that ended. The dead holder's row is removed (also
+    for a run that was closed but could not give its lock back). A run holding no such lock
+    (in the instant before it took it) is left as it is. Clusters the run stored before its
+    end stay; the one it was in the middle of was never stored.
+    """
+    with store.reading() as s:
+        names = list(s.scalars(select(Lease.name).where(Lease.name.like(f"{RUN_LOCK_PREFIX}%"))
+                               .order_by(Lease.name)))
+    marked: list[int] = []
+    for name in names:
+        found = locks.lookup(name)
+        if found is None or found.gone is None:
+            continue
+        run_id = int(name.removeprefix(RUN_LOCK_PREFIX))
+        since = (f", running since {found.since.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+                 if found.since else "")
+        note = (f"aborted: the felixscan that ran it ({found.who}{since}) is gone: "
+                f"{found.gone}; found by pid {os.getpid()} on {socket.gethostname()}")
+        with store.session() as s:
+            running = s.scalar(select(ScanRun.id).where(ScanRun.id == run_id,
+                                                        ScanRun.status == "running"))
+            if running is not None:
+                s.execute(update(ScanRun).where(ScanRun.id == run_id,
+                                                ScanRun.status == "running")
+                          .values(status=ABORTED, finished_at=at or datetime.now(UTC),
+                                  note=note))
+        locks.clear(found)
+        if running is not None:
+            log.warning("scan run %d %s", run_id, note)
+            marked.append(run_id)
     return marked
 
 

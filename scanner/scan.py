@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -21,9 +21,10 @@ from scanner.collect import collect
 from scanner.config import ClusterSettings, Settings
 from scanner.errors import ClusterError, StoreError
 from scanner.evaluate import evaluate, failed_cluster, probe_targets
-from scanner.locks import DatabaseLock, HeldLock, cluster_lock_name
+from scanner.locks import DatabaseLock, HeldLock, LockLost, cluster_lock_name, run_lock_name
 from scanner.probe import ProbeSettings, probe_nodes
 from scanner.records import ClusterResult, ClusterSnapshot
+from scanner.runs import reconcile_runs
 from scanner.store import Store
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class ScanOutcome:
     clusters: tuple[ClusterResult, ...]
     stored: tuple[str, ...]  # clusters whose result is in the database
     store_errors: tuple[tuple[str, str], ...] = ()  # (cluster, reason) not stored
+    # Clusters whose lock was lost before their result was stored (also in store_errors):
+    # another process may have scanned them meanwhile, so nothing was stored and the run is
+    # aborted; nothing else may act on them under that lock either (auto-remediation).
+    lock_lost: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -98,28 +103,47 @@ def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
 
 def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
              collector: Collector = collect, clock: Clock = utcnow,
-             lock_wait: float | None = None) -> ScanOutcome:
+             lock_wait: float | None = None, locks: DatabaseLock | None = None,
+             held: Mapping[str, HeldLock] | None = None) -> ScanOutcome:
     """Scan every configured cluster and store each result in its own transaction.
 
     `clock` stamps the run and its results (the demo replays several days with it). With
     `lock_wait` (seconds) each cluster is scanned under the database lock `serve` uses, so a
     CronJob agent and a scheduler never scan one cluster at the same moment; a cluster still
     locked after that wait is reported as an error, not scanned twice. Callers that already
-    hold the lock (the scheduler, remediation) leave it None.
+    hold the lock (the scheduler, remediation) leave it None, and pass the locks they hold as
+    `held` (by cluster name). A result is stored only while its cluster's lock is still held
+    (the write is fenced); one whose lock was lost is not stored, and the run is aborted.
+
+    The run holds a lock of its own while it runs (`run:<id>`), so that a run whose process
+    died is recognised and marked aborted: each run does that for those it finds. `locks`
+    takes them all (default: a `DatabaseLock` on `store`).
     """
     store.ensure_schema()
+    locks = locks or DatabaseLock(store)
+    try:
+        reconcile_runs(store, locks)
+    except StoreError as exc:  # others' bookkeeping: this scan goes on (or fails on its own)
+        log.error("runs of processes that are gone could not be marked aborted: %s", exc)
     started_at = clock()
     run_id = store.begin_run(trigger=trigger, started_at=started_at)
     results: dict[int, ClusterResult] = {}
     stored: dict[int, str] = {}
     store_errors: dict[int, tuple[str, str]] = {}
+    lost: dict[int, str] = {}
     status = "aborted"
+    note: str | None = None
+    alive: HeldLock | None = None
     futures: dict[Future[tuple[ClusterResult, HeldLock | None]], int] = {}
     try:
+        alive = locks.try_acquire(run_lock_name(run_id))
+        if alive is None:  # a row left by a dead run with this id (ids can be reused)
+            log.warning("scan run %d: its own lock is taken; it cannot be told apart from a "
+                        "run whose process died", run_id)
         workers = max(1, min(len(settings.clusters), 8))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster") as pool:
             scan = _unlocked_scan if lock_wait is None else functools.partial(
-                _locked_scan, locks=DatabaseLock(store), wait=lock_wait)
+                _locked_scan, locks=locks, wait=lock_wait)
             futures = {pool.submit(scan, c, collector=collector, clock=clock): i
                        for i, c in enumerate(settings.clusters)}
             # Each result is stored as soon as it is ready, and only then is the cluster's
@@ -127,32 +151,44 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
             # after it, so the rollups see a cluster's scans in the order they were made.
             for future in as_completed(futures):
                 i = futures[future]
-                result, held = future.result()
+                result, taken = future.result()
+                fence = taken or (held or {}).get(result.cluster)
                 t = time.monotonic()
                 try:
-                    store.save_cluster(run_id, result)
+                    store.save_cluster(run_id, result, lock=fence)
+                except LockLost as exc:
+                    log.error("cluster %s: result not stored: %s", result.cluster, exc)
+                    store_errors[i] = (result.cluster, str(exc))
+                    lost[i] = result.cluster
                 except StoreError as exc:
                     log.error("cluster %s: result not stored: %s", result.cluster, exc)
                     store_errors[i] = (result.cluster, str(exc))
                 else:
                     stored[i] = result.cluster
                 finally:
-                    if held is not None:
-                        held.release()
+                    if taken is not None:
+                        taken.release()
                 timings = {**result.timings, "store": time.monotonic() - t}
                 results[i] = _with_timings(result, timings)
-        status = "finished"
+        if lost:
+            note = "; ".join(f"cluster {store_errors[i][0]} not stored: {store_errors[i][1]}"
+                             for i in sorted(lost))
+        else:
+            status = "finished"
     finally:
         _release_unstored(futures)
         finished_at = clock()
         try:
-            store.finish_run(run_id, status=status, finished_at=finished_at)
+            store.finish_run(run_id, status=status, finished_at=finished_at, note=note)
         except StoreError as exc:
             log.error("scan run %s could not be closed: %s", run_id, exc)
+        if alive is not None:  # after the run is closed: until then it is still going
+            alive.release()
     return ScanOutcome(scan_id=run_id, started_at=started_at, finished_at=finished_at,
                        clusters=tuple(results[i] for i in sorted(results)),
                        stored=tuple(stored[i] for i in sorted(stored)),
-                       store_errors=tuple(store_errors[i] for i in sorted(store_errors)))
+                       store_errors=tuple(store_errors[i] for i in sorted(store_errors)),
+                       lock_lost=tuple(lost[i] for i in sorted(lost)))
 
 
 def _unlocked_scan(cluster: ClusterSettings, *, collector: Collector,

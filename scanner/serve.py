@@ -35,8 +35,14 @@ from apscheduler.triggers.cron import CronTrigger
 from scanner.alerts import AlertSender, build_alert, transition
 from scanner.config import ClusterSettings, Settings, parse_listen
 from scanner.errors import ConfigError, FelixscanError, StoreError
-from scanner.locks import DatabaseLock, cluster_lock_name
-from scanner.runs import abort_runs, last_scan_started, previous_status, record_skipped
+from scanner.locks import DatabaseLock, HeldLock, cluster_lock_name
+from scanner.runs import (
+    abort_runs,
+    last_scan_started,
+    previous_status,
+    reconcile_runs,
+    record_skipped,
+)
 from scanner.store import Store
 
 if TYPE_CHECKING:
@@ -141,8 +147,8 @@ class ServeStore(Store):
         return run_id
 
     def finish_run(self, run_id: int, *, status: str = "finished",
-                   finished_at: datetime | None = None) -> None:
-        super().finish_run(run_id, status=status, finished_at=finished_at)
+                   finished_at: datetime | None = None, note: str | None = None) -> None:
+        super().finish_run(run_id, status=status, finished_at=finished_at, note=note)
         with self._open_lock:
             self._open.discard(run_id)
 
@@ -220,6 +226,10 @@ class ScanScheduler:
     # --- life cycle ------------------------------------------------------------------------
 
     def start(self, *, catch_up: bool = True) -> None:
+        try:  # runs left `running` by a process that died (a serve killed before this one)
+            reconcile_runs(self.store, self.locks)
+        except StoreError as exc:
+            log.error("runs of processes that are gone could not be marked aborted: %s", exc)
         for name, job in self._jobs.items():
             self._scheduler.add_job(self.run_cluster, job.trigger, args=[name], id=name,
                                     name=f"scan {name}")
@@ -299,7 +309,8 @@ class ScanScheduler:
     def run_cluster(self, name: str, slot: datetime | None = None) -> str:
         """The job: scan one cluster unless it is already being (or was just) scanned.
 
-        Returns what happened, for logs and tests: `scanned`, `skipped: ...`, `stopping`.
+        Returns what happened, for logs and tests: `scanned`, `skipped: ...`, `aborted: ...`
+        (the lock was lost: nothing stored), `stopping`.
         """
         job = self._jobs[name]
         if self._stopping.is_set():
@@ -339,18 +350,25 @@ class ScanScheduler:
                              last.isoformat(timespec="seconds"), slot.isoformat())
                     job.info.last_outcome = "already scanned by another replica"
                     return "skipped: already scanned"
-                return self._scan(job)
+                return self._scan(job, held)
         finally:
             self._slots.release()
 
-    def _scan(self, job: _Job) -> str:
+    def _scan(self, job: _Job, held: HeldLock) -> str:
         from scanner.scan import run_scan  # the kubernetes client loads with the first scan
 
         name = job.cluster.name
         job.info.last_started = self.clock()
         log.info("cluster %s: scheduled scan starting", name)
         outcome = run_scan(self.settings.select([name]), store=self.store, trigger=TRIGGER,
-                           clock=self.clock)
+                           clock=self.clock, locks=self.locks, held={name: held})
+        if name in outcome.lock_lost:
+            # Not stored, and nothing more under a lock another process may hold now: no
+            # alert, no remediation.
+            reason = dict(outcome.store_errors).get(name, "the cluster's lock was lost")
+            log.error("cluster %s: scheduled scan aborted: %s", name, reason)
+            job.info.last_outcome = f"aborted: {reason}"
+            return f"aborted: {reason}"
         for result in outcome.clusters:
             log.info("cluster %s: %s (scan %d)", result.cluster, result.status, outcome.scan_id)
             if result.cluster in outcome.stored:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config
@@ -61,6 +61,12 @@ def redact_url(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}@{host}" if ":" in creds else url
+
+
+class Fence(Protocol):
+    """A held lock that can prove it is still held, inside a transaction (`scanner.locks`)."""
+
+    def fence(self, conn: Connection) -> None: ...
 
 
 class Store:
@@ -227,13 +233,21 @@ class Store:
             return run.id
 
     def finish_run(self, run_id: int, *, status: str = "finished",
-                   finished_at: datetime | None = None) -> None:
+                   finished_at: datetime | None = None, note: str | None = None) -> None:
+        """Close the run; `note` says why when it did not finish (None clears an older one)."""
         with self.session() as s:
             s.execute(update(ScanRun).where(ScanRun.id == run_id).values(
-                status=status, finished_at=finished_at or datetime.now(UTC)))
+                status=status, finished_at=finished_at or datetime.now(UTC), note=note))
 
-    def save_cluster(self, run_id: int, result: ClusterResult) -> int:
-        """Write one cluster's whole result in one transaction; returns its cluster_scans id."""
+    def save_cluster(self, run_id: int, result: ClusterResult, *,
+                     lock: Fence | None = None) -> int:
+        """Write one cluster's whole result in one transaction; returns its cluster_scans id.
+
+        With `lock` (the cluster's lock, held while it was scanned) the write is fenced: the
+        same transaction checks, last, that the lock is still this holder's, and stores nothing
+        if not (`scanner.locks.LockLost`); a new holder cannot take the lock until it ends.
+        None: unfenced, for callers that hold no lock.
+        """
         with self.session() as s:
             row = ClusterScan(
                 run_id=run_id, cluster=result.cluster, started_at=result.started_at,
@@ -265,6 +279,9 @@ class Store:
             if findings:
                 s.execute(insert(FindingRow), findings)
             self._roll_up(s, row, result)
+            if lock is not None:
+                # Last, so that a new holder's takeover waits for no more than the commit.
+                lock.fence(s.connection())
             return row.id
 
     def _roll_up(self, s: Session, row: ClusterScan, result: ClusterResult) -> None:

@@ -155,6 +155,7 @@ def test_advisory_lock_is_keyed_by_a_hash_of_the_cluster(pg_url: str) -> None:
     assert key == advisory_key("cluster:prod-east")
     assert -(2**63) <= key < 2**63
     with Store(pg_url) as store:
+        store.upgrade()  # the lock names its holder in `leases`
         # Someone else (another replica) holds exactly that key: we must back off.
         with psycopg.connect(pg_url.replace("+psycopg", "")) as conn:
             conn.execute("SELECT pg_advisory_lock(%s)", (key,))
