@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import date
@@ -23,6 +24,16 @@ from scanner.records import ClusterResult
 
 LOCK_WAIT_SECONDS = 60.0  # how long `scan` waits for another process scanning the same cluster
 EXIT_OK, EXIT_NON_COMPLIANT, EXIT_USAGE, EXIT_CLUSTER_ERROR, EXIT_STORE = 0, 1, 2, 3, 4
+EXIT_CODES = (
+    "Exit codes: 0 all compliant, 1 at least one non-compliant, 2 usage or configuration error, "
+    "3 at least one cluster could not be scanned (none non-compliant), 4 the results database "
+    "cannot be used or a result could not be stored (this wins over 1 and 3: the record is "
+    "incomplete).")
+DEMO_DATABASE = "felixscan-demo.db"  # what `felixscan demo` writes into its --out-dir (default .)
+REPORT_FORMATS = {".pdf": "pdf", ".html": "html", ".htm": "html"}
+# -v/-q given after a subcommand land in "verbose:<prog>"/"quiet:<prog>", one key per parser,
+# so that argparse, copying a subcommand's results over the main ones, loses none of them.
+_VERBOSE, _QUIET = "verbose", "quiet"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,19 +43,39 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+class _CommandParser(_Parser):
+    """A subcommand's parser: -v and -q work after the subcommand as well as before it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _verbosity_flags(self, suffix=f":{self.prog}")
+
+
+def _verbosity_flags(p: argparse.ArgumentParser, *, suffix: str = "") -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, dest=_VERBOSE + suffix,
+                   help="log progress to stderr (-vv for debug, -vvv with SQL)")
+    p.add_argument("-q", "--quiet", action="count", default=0, dest=_QUIET + suffix,
+                   help="log errors only (no warnings)")
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """-v minus -q, counted wherever they were given (before or after the subcommand)."""
+    counts = vars(args)
+    return (sum(int(v) for k, v in counts.items() if k.split(":")[0] == _VERBOSE)
+            - sum(int(v) for k, v in counts.items() if k.split(":")[0] == _QUIET))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="felixscan", description=(
         "Prove that the Calico Felix metrics endpoint (TCP 9091) is disabled and unreachable "
         "on every node of every cluster."))
     parser.add_argument("--version", action="version", version=f"felixscan {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log progress to stderr (-vv for debug, -vvv with SQL)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _verbosity_flags(parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     scan = sub.add_parser("scan", help="scan clusters once and store the results",
                           description="Scan the configured clusters (or the current kubeconfig "
-                          "context) once, store every result, and exit 0 when all are "
-                          "compliant, 1 when any is not, 3 when any could not be scanned.")
+                          "context) once and store every result. " + EXIT_CODES)
     _common(scan)
     scan.add_argument("--cluster", action="append", default=[], metavar="NAME",
                       help="scan only this configured cluster (repeatable)")
@@ -53,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report", help="render an HTML or PDF report from the database (or verify a PDF)",
         description="Render a compliance report from the results database; no cluster access "
-        "is needed. `felixscan report verify FILE.pdf` recomputes the integrity hash from the "
-        "data embedded in a PDF report: exit 0 when it matches, 1 when it does not.")
+        "is needed. `felixscan report verify FILE.pdf [FILE.pdf ...]` recomputes the integrity "
+        "hash from the data embedded in each PDF report: exit 0 when every one matches, 1 when "
+        "any does not, 2 when any cannot be read.")
     report.add_argument("action", nargs="*", metavar="verify FILE.pdf",
-                        help="verify a PDF report instead of rendering one")
-    report.add_argument("--format", choices=("pdf", "html"), default="pdf")
+                        help="verify PDF reports instead of rendering one")
+    report.add_argument("--format", choices=("pdf", "html"),
+                        help="pdf or html (default: from the extension of --out: .pdf, .html "
+                        "or .htm; else pdf)")
     report.add_argument("--out", metavar="FILE", help="where to write the report")
     report.add_argument("--db", metavar="URL", help="database URL (default: $FELIXSCAN_DB, "
                         "else the config file, else sqlite:///felixscan.db)")
@@ -87,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="manage the results database",
                         description="Manage the results database schema.")
-    db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_CommandParser)
     for name, text in (("upgrade", "create or upgrade the schema to this version (Alembic)"),
                        ("current", "print the schema revision of the database")):
         p = db_sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
@@ -121,12 +155,19 @@ def _common(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+    level = verbosity(args)
+    logging.basicConfig(level=(logging.ERROR, logging.WARNING, logging.INFO,
+                               logging.DEBUG)[max(0, min(level, 2) + 1)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.verbose < 3:
+    if level < 3:
         # SQLAlchemy logs every statement and row below WARNING: only with -vvv.
         logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    if level < 2:
+        # urllib3 warns of each connection it retries ("Retrying (Retry(total=1, ...))"); the
+        # cluster's error says what failed, and where. Only with -vv.
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
+        _check_database_url(args)
         handler = getattr(args, "handler", None)
         if handler is not None:
             return int(handler(args))
@@ -156,8 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`felixscan trend | head`): not an error of ours. Point stdout
         # at /dev/null so the interpreter's final flush does not complain either.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     parser.error(f"unknown command {args.command}")
@@ -166,6 +205,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, db_url=args.db)
+
+
+def _check_database_url(args: argparse.Namespace) -> None:
+    """A database given as a bare path (`--db foo.db`) is a usage error with the URL to use."""
+    if not hasattr(args, "db") or (args.command == "report" and args.action):
+        return  # no database here (`demo`, `report verify`)
+    if args.db:
+        if "://" not in args.db:
+            raise ConfigError(f"--db {args.db} is a file path, not a database URL; for a SQLite "
+                              f"file use --db sqlite:///{args.db} (PostgreSQL: --db "
+                              "postgresql+psycopg://USER@HOST/DB)")
+        return
+    env = os.environ.get("FELIXSCAN_DB")
+    if env and "://" not in env:
+        raise ConfigError(f"$FELIXSCAN_DB is {env}, a file path, not a database URL; for a "
+                          f"SQLite file set FELIXSCAN_DB=sqlite:///{env}")
+
+
+def check_readable(store: Any) -> None:
+    """`store.check_readable()`; a missing default database points at the demo's, if there."""
+    from scanner.store import redact_url
+
+    try:
+        store.check_readable()
+    except StoreError as exc:
+        missing = f"database {redact_url(store.url)} does not exist"
+        if str(exc) == missing and Path(DEMO_DATABASE).is_file() and \
+                Path(str(store.engine.url.database)).resolve() != Path(DEMO_DATABASE).resolve():
+            raise StoreError(f"{missing}; `felixscan demo` wrote {DEMO_DATABASE} here: add "
+                             f"--db sqlite:///{DEMO_DATABASE}") from exc
+        raise
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -261,26 +331,22 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.action:
-        if len(args.action) != 2 or args.action[0] != "verify":
-            parser.error("report takes no positional arguments except `verify FILE.pdf`")
-        from reports import verify_pdf
-
-        result = verify_pdf(args.action[1])
-        print(f"{args.action[1]}: {'OK' if result.matched else 'MISMATCH'}: {result.reason}")
-        if result.expected:
-            print(f"  recorded SHA-256   {result.expected}")
-        if result.actual:
-            print(f"  recomputed SHA-256 {result.actual}")
-        return EXIT_OK if result.matched else EXIT_NON_COMPLIANT
+        if len(args.action) < 2 or args.action[0] != "verify":
+            parser.error("report takes no positional arguments except "
+                         "`verify FILE.pdf [FILE.pdf ...]`")
+        return _verify(args.action[1:])
     if not args.out:
         parser.error("report needs --out FILE (or `report verify FILE.pdf`)")
-    from reports import build_report
+    fmt = _report_format(args, parser)
+    _check_out(args.out, parser)
+    import reports
     from scanner.store import Store
 
     with Store(database_url(args)) as store:
-        store.check_readable()
-        info = build_report(store, clusters=args.cluster, since=args.since, until=args.until,
-                            fmt=args.format, out=args.out, pdf_variant=args.pdf_variant)
+        check_readable(store)
+        info = reports.build_report(store, clusters=args.cluster, since=args.since,
+                                    until=args.until, fmt=fmt, out=args.out,
+                                    pdf_variant=args.pdf_variant)
         from scanner.retention import record_report
 
         record_report(store, fmt=info.format, sha256=info.sha256, location=str(info.path),
@@ -292,6 +358,54 @@ def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     for name in info.not_scanned:
         print(f"  note: {name} has no scan in the period")
     return EXIT_OK
+
+
+def _verify(paths: Sequence[str]) -> int:
+    """Verify each PDF; the worst outcome decides: 2 unreadable, 1 mismatch, 0 all match."""
+    from reports import verify_pdf
+
+    worst = EXIT_OK
+    for path in paths:
+        try:
+            result = verify_pdf(path)
+        except ReportError as exc:
+            print(f"felixscan: report error: {exc}", file=sys.stderr)
+            worst = max(worst, EXIT_USAGE)
+            continue
+        print(f"{path}: {'OK' if result.matched else 'MISMATCH'}: {result.reason}")
+        if result.expected:
+            print(f"  recorded SHA-256   {result.expected}")
+        if result.actual:
+            print(f"  recomputed SHA-256 {result.actual}")
+        if not result.matched:
+            worst = max(worst, EXIT_NON_COMPLIANT)
+    return worst
+
+
+def _report_format(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """--format, else the one the extension of --out names, else pdf; never a contradiction."""
+    implied = REPORT_FORMATS.get(Path(args.out).suffix.lower())
+    if args.format is None:
+        return implied or "pdf"
+    if implied is not None and implied != args.format:
+        parser.error(f"--format {args.format} does not match --out {args.out} (a "
+                     f"{Path(args.out).suffix} file is {implied}); drop --format or change "
+                     "the file name")
+    return str(args.format)
+
+
+def _check_out(out: str, parser: argparse.ArgumentParser) -> None:
+    """Before any rendering: --out must be a file that can be created where it is named."""
+    path = Path(out)
+    parent = path.parent
+    if path.is_dir():
+        parser.error(f"--out {out} is a directory; name a file in it")
+    if not parent.exists():
+        parser.error(f"--out {out}: the directory {parent} does not exist")
+    if not parent.is_dir():
+        parser.error(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: the directory {parent} is not writable")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -313,7 +427,7 @@ def _prune(args: argparse.Namespace, url: str) -> int:
         print("felixscan: --keep-days and --batch-size must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     with Store(url) as store:
-        store.check_readable()
+        check_readable(store)
         result = prune(store, keep_days=args.keep_days, batch_size=args.batch_size,
                        dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -328,8 +442,6 @@ def database_url(args: argparse.Namespace) -> str:
     """The database URL without requiring clusters: --db, $FELIXSCAN_DB, the file, the default."""
     if args.db:
         return str(args.db)
-    import os
-
     if os.environ.get("FELIXSCAN_DB"):
         return os.environ["FELIXSCAN_DB"]
     if args.config or os.environ.get("FELIXSCAN_CONFIG"):

@@ -13,8 +13,11 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import random
 import re
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -23,9 +26,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
+import yaml
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import exec_provider as k8s_exec_provider
 from kubernetes.config.config_exception import ConfigException
 
 from scanner.calico import (
@@ -245,6 +250,11 @@ def status_message(exc: ApiException) -> str:
 
 
 def _transport_reason(exc: BaseException, timeout: float) -> str:
+    """Why a request got no answer, and from which API server (kubeconfig context)."""
+    return f"{_failure(exc, timeout)}{_where(exc)}"
+
+
+def _failure(exc: BaseException, timeout: float) -> str:
     text = str(getattr(exc, "reason", None) or exc)
     low = text.lower()
     if "timed out" in low or isinstance(exc, urllib3.exceptions.TimeoutError):
@@ -259,12 +269,35 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
     return f"connection failed ({type(exc).__name__})"
 
 
+def _where(exc: BaseException) -> str:
+    """`; API server URL, kubeconfig context NAME`, from the pool the failure came from.
+
+    urllib3's errors carry their connection pool, and the pool the `_Retry` that `make_api`
+    made for this cluster, which knows both.
+    """
+    retries = getattr(getattr(exc, "pool", None), "retries", None)
+    where = retries.where if isinstance(retries, _Retry) else ""
+    return f"; {where}" if where else ""
+
+
+class _Retry(urllib3.Retry):
+    """urllib3's Retry, plus where it retries: the API server and its kubeconfig context."""
+
+    where: str = ""
+
+
 # --- the client --------------------------------------------------------------------------
 
 
 def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
-    """A client for the cluster from its kubeconfig context or in-cluster service account."""
+    """A client for the cluster from its kubeconfig context or in-cluster service account.
+
+    An exec credential plugin gets what is left of `deadline` (here and when the client runs
+    it again to refresh an expired token on this thread), then it is stopped: see
+    `_BoundedPopen`.
+    """
     configuration = k8s_client.Configuration()
+    _bound_exec_plugins(seconds=deadline - time.monotonic())
     try:
         if settings.in_cluster:
             k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
@@ -275,6 +308,11 @@ def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
                     config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
                     context=settings.context, client_configuration=configuration,
                     persist_config=False)
+            stopped = _EXEC_LIMIT.stopped
+            if stopped is not None:
+                _EXEC_LIMIT.stopped = None
+                raise ClusterError(f"the kubeconfig's credentials could not be obtained: "
+                                   f"{stopped}")
             if logged.messages:
                 raise ClusterError("the kubeconfig's credentials could not be obtained: "
                                    f"{_clean(logged.messages[0])}")
@@ -284,15 +322,172 @@ def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
         # An exec credential plugin that fails or prints garbage surfaces here.
         raise ClusterError(f"cannot load credentials ({type(exc).__name__}: "
                            f"{_clean(str(exc))})") from None
+    _warn_plaintext_credentials(settings, configuration)
     # urllib3 retries connection failures itself (twice), never a read that timed out: a
     # hanging API costs one timeout, not four. Statuses are ours to retry (Api.get): left on,
     # urllib3 treats a 429/503 with Retry-After as a retry and, with status=0, fails it as
     # "MaxRetryError" before our backoff ever sees it.
-    configuration.retries = urllib3.Retry(total=2, connect=2, read=0, status=0, redirect=0,
-                                          backoff_factor=0.1, respect_retry_after_header=False)
+    retries = _Retry(total=2, connect=2, read=0, status=0, redirect=0, backoff_factor=0.1,
+                     respect_retry_after_header=False)
+    retries.where = (f"API server {configuration.host}, "
+                     + ("in-cluster service account" if settings.in_cluster
+                        else f"kubeconfig context {_context_name(settings)}"))
+    configuration.retries = retries
     api_client = k8s_client.ApiClient(configuration)
     return Api(client=api_client, timeout=settings.api_timeout_seconds, deadline=deadline,
                cluster=settings.name)
+
+
+def _context_name(settings: ClusterSettings) -> str:
+    if settings.context:
+        return settings.context
+    try:
+        _contexts, current = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=str(settings.kubeconfig) if settings.kubeconfig else None)
+        return str(current["name"])
+    except (ConfigException, OSError, ValueError, KeyError, TypeError):
+        return "(the current context)"
+
+
+def _kubeconfig_user(settings: ClusterSettings) -> dict[str, Any]:
+    """The `user` entry of the cluster's kubeconfig context ({} when it cannot be found)."""
+    try:
+        path = settings.kubeconfig or os.path.expanduser(k8s_config.KUBE_CONFIG_DEFAULT_LOCATION)
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+        name = settings.context or doc.get("current-context")
+        context = next(c["context"] for c in doc.get("contexts") or [] if c.get("name") == name)
+        user = next(u["user"] for u in doc.get("users") or []
+                    if u.get("name") == context.get("user"))
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, StopIteration):
+        return {}
+    return user if isinstance(user, dict) else {}
+
+
+# Clusters (with their server) already warned about sending credentials over plain HTTP: once
+# per process is enough for a setting that only changes when the kubeconfig does.
+_WARNED_PLAINTEXT: set[tuple[str, str]] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_plaintext_credentials(settings: ClusterSettings, configuration: Any) -> None:
+    """Warn (never showing them) when credentials go to an http:// API server."""
+    server = str(configuration.host or "")
+    if not server.lower().startswith("http://"):
+        return
+    # The client keeps the Authorization value under "BearerToken" (older: "authorization").
+    headers = [str(v) for v in (configuration.api_key or {}).values() if v]
+    sends = ("a bearer token" if any(h.lower().startswith("bearer ") for h in headers)
+             else "a basic-auth password" if any(h.lower().startswith("basic ") for h in headers)
+             else "credentials" if headers else None)
+    # For an http:// server the client loads no client certificate from the kubeconfig (an
+    # exec plugin's is kept): look at the user entry itself.
+    has_key = bool(configuration.cert_file or configuration.key_file
+                   or {"client-key", "client-key-data"} & set(_kubeconfig_user(settings)))
+    if sends is None and not has_key:
+        return
+    with _WARNED_LOCK:
+        if (settings.name, server) in _WARNED_PLAINTEXT:
+            return
+        _WARNED_PLAINTEXT.add((settings.name, server))
+    parts = []
+    if sends:
+        parts.append(f"sends {sends} to {server} over plain HTTP, in clear text: anyone on "
+                     "the path can read and reuse it")
+    if has_key:
+        parts.append(f"{'also ' if sends else ''}gives a client certificate and key for "
+                     f"{server}, which are never presented without TLS (the server sees no "
+                     "client certificate)")
+    logging.getLogger(__name__).warning(
+        "cluster %s: the kubeconfig %s; use the server's https:// address", settings.name,
+        "; it ".join(parts))
+
+
+# --- exec credential plugins, time-limited -------------------------------------------------
+#
+# The kubernetes client runs an exec plugin with `subprocess.Popen(...).communicate()` and no
+# timeout, in ExecProvider.run, both when the kubeconfig is loaded and whenever an expired token
+# is refreshed before a request. A thread waiting on it cannot be interrupted, and a worker
+# thread with a timeout would leave the plugin running. So the client's exec module is given
+# a `subprocess` whose Popen bounds `communicate()` and, past the bound, kills the plugin's
+# whole process group (a plugin is often a script whose child holds the pipes). Installed once
+# for the process; the bound is per thread, set by `make_api` on the thread that then uses
+# the client. Everything else of `subprocess` is the real module.
+
+EXEC_PLUGIN_DEFAULT_SECONDS = 60.0  # for a thread on which make_api set no bound
+
+
+class _ExecLimit(threading.local):
+    seconds: float = EXEC_PLUGIN_DEFAULT_SECONDS
+    stopped: str | None = None  # why the last plugin run on this thread was stopped
+
+
+_EXEC_LIMIT = _ExecLimit()
+
+
+class _BoundedPopen(subprocess.Popen[Any]):
+    """Popen for exec credential plugins: `communicate()` ends within this thread's bound."""
+
+    def __init__(self, args: Any, **kwargs: Any) -> None:
+        # Its own process group, so that stopping it stops what it started. Not when it talks
+        # to the user's terminal (interactive login): a background group reading the terminal
+        # would be stopped by SIGTTIN.
+        self._own_group = kwargs.get("stdin") is None
+        if self._own_group:
+            kwargs["process_group"] = 0
+        self._command = str(args[0] if isinstance(args, list | tuple) and args else args)
+        super().__init__(args, **kwargs)
+
+    def communicate(self, input: Any = None,
+                    timeout: float | None = None) -> tuple[Any, Any]:
+        bound = max(_EXEC_LIMIT.seconds, 0.1) if timeout is None else timeout
+        try:
+            return super().communicate(input, timeout=bound)
+        except subprocess.TimeoutExpired:
+            self._stop()
+            why = (f"exec: credential plugin {self._command} gave no answer within "
+                   f"{bound:.1f} s (what was left of the cluster's deadline); it was stopped"
+                   + (", with the processes it started" if self._own_group else ""))
+            _EXEC_LIMIT.stopped = why
+            raise ConfigException(why) from None
+        except BaseException:
+            self._stop()  # Ctrl-C: a plugin in its own group would not get the SIGINT
+            raise
+
+    def _stop(self) -> None:
+        try:
+            if self._own_group:
+                os.killpg(self.pid, signal.SIGKILL)
+            else:
+                self.kill()
+        except ProcessLookupError:
+            pass
+        try:
+            super().communicate(timeout=2)
+        except subprocess.TimeoutExpired:
+            # Outside its group, a child of the plugin may still hold the pipes: let it.
+            for stream in (self.stdout, self.stderr):
+                if stream is not None:
+                    stream.close()
+            self.wait(timeout=2)
+
+
+class _BoundedSubprocess:
+    """`subprocess` as the kubernetes client's exec module sees it: only Popen differs."""
+
+    Popen = _BoundedPopen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def _bound_exec_plugins(*, seconds: float) -> None:
+    """Install the bounded Popen (once) and set this thread's bound for exec plugins."""
+    if not isinstance(getattr(k8s_exec_provider, "subprocess", None), _BoundedSubprocess):
+        # setattr: the module does not export `subprocess`, and it is replaced on purpose
+        setattr(k8s_exec_provider, "subprocess", _BoundedSubprocess())  # noqa: B010
+    _EXEC_LIMIT.seconds = seconds
+    _EXEC_LIMIT.stopped = None
 
 
 class _CredentialErrors(logging.Filter):

@@ -206,9 +206,7 @@ def _settings_from_file(path: Path, env: Mapping[str, str]) -> Settings:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"not valid YAML{where}", source=source) from exc
+        raise ConfigError(f"not valid YAML{_yaml_mistake(exc)}", source=source) from exc
     if doc is None:
         doc = {}
     reader = _Reader(source, path.parent, env)
@@ -482,6 +480,32 @@ class _Reader:
         )
 
 
+# What PyYAML was reading when it met the end of the file or a stray token: something opened
+# and never closed, whose start (not where PyYAML gave up) is the line to fix.
+_UNCLOSED = {"while scanning a quoted scalar": "a quoted string",
+             "while parsing a flow sequence": "a [ list",
+             "while parsing a flow mapping": "a { mapping"}
+
+
+def _yaml_line(mark: Any) -> str:
+    # PyYAML's marks count lines and columns from 0; editors count from 1.
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_mistake(exc: yaml.YAMLError) -> str:
+    """` at line L, column C: what is wrong`, for a parse error in the configuration file."""
+    problem = getattr(exc, "problem", None)
+    problem_mark = getattr(exc, "problem_mark", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if problem_mark is None:
+        return f": {problem}" if problem else ""
+    unclosed = _UNCLOSED.get(str(getattr(exc, "context", "")))
+    if unclosed and context_mark is not None:
+        return (f" at {_yaml_line(context_mark)}: {unclosed} that is never closed "
+                f"({problem} at {_yaml_line(problem_mark)})")
+    return f" at {_yaml_line(problem_mark)}" + (f": {problem}" if problem else "")
+
+
 def _check_kubeconfig(path: Path, context: str | None, *, source: str, key: str) -> str:
     """The kubeconfig exists, parses, and has the context; returns the context name to use."""
     try:
@@ -490,8 +514,12 @@ def _check_kubeconfig(path: Path, context: str | None, *, source: str, key: str)
         raise ConfigError(f"kubeconfig {path} does not exist (expected a readable kubeconfig file)",
                           source=source, key=key) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"kubeconfig {path} cannot be read as YAML ({type(exc).__name__}); "
-                          "expected a kubeconfig file", source=source, key=key) from exc
+        # The line, never PyYAML's text: a kubeconfig holds credentials it could quote.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at {_yaml_line(mark)}" if mark is not None else ""
+        raise ConfigError(f"kubeconfig {path} cannot be read as YAML ({type(exc).__name__}"
+                          f"{where}); expected a kubeconfig file", source=source,
+                          key=key) from exc
     if not isinstance(doc, dict):
         raise ConfigError(f"kubeconfig {path} is not a kubeconfig (expected a mapping)",
                           source=source, key=key)

@@ -3,8 +3,11 @@
 Besides `scanner.collect` (the read-only scanner), the only module that imports `kubernetes`,
 and only for remediation. It can touch exactly three kinds (the calico-node DaemonSet, a
 FelixConfiguration, the operator Installation) and only with PATCH: every write carries the
-caller's resourceVersion precondition (a conflict comes back as `ApiError(status=409)`) and
-`fieldManager=felixscan`; a dry run adds `dryRun=All`. docs/remediation.md lists the verbs.
+caller's resourceVersion and uid preconditions (a conflict comes back as
+`ApiError(status=409)`, an object re-created under the same name as `ApiError(status=422)`)
+and `fieldManager=felixscan`; a dry run adds `dryRun=All`. Every answer must be the object
+asked for (kind, name, namespace, and for a patch the uid): an API that answers with another
+object is an error, never a new target. docs/remediation.md lists the verbs.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Literal
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from scanner.collect import Api, make_api, status_message
+from scanner.collect import MANIFEST_NAMESPACE, OPERATOR_NAMESPACE, Api, make_api, status_message
 from scanner.config import ClusterSettings
 from scanner.errors import ApiError, ApiForbidden, ApiUnreachable, RemediationRefused
 
@@ -77,19 +80,61 @@ class KubeWriter:
         self.api.deadline = time.monotonic() + self.api.timeout * 6
 
     def read(self, ref: ObjectRef) -> dict[str, Any] | None:
-        """The object as served, or None when it does not exist."""
+        """The object as served, or None when it does not exist.
+
+        ApiError when the API answers with another object than `ref` (or one without a uid):
+        remediation plans its patch from this answer, so it must be the object asked for.
+        """
+        self._allowed(ref)
         self._renew()
         if (ref.api_version, ref.kind) == DAEMONSET:
-            return self.api.get(f"GET {ref}", self.api.apps.read_namespaced_daemon_set,
-                                ref.name, ref.namespace)
-        group, version, plural = _custom(ref)
-        return self.api.get(f"GET {ref}", self.api.custom.get_cluster_custom_object,
-                            group, version, plural, ref.name)
+            doc = self.api.get(f"GET {ref}", self.api.apps.read_namespaced_daemon_set,
+                               ref.name, ref.namespace)
+        else:
+            group, version, plural = _custom(ref)
+            doc = self.api.get(f"GET {ref}", self.api.custom.get_cluster_custom_object,
+                               group, version, plural, ref.name)
+        if doc is not None:
+            _check_identity(f"GET {ref}", ref, doc)
+            if not str((doc.get("metadata") or {}).get("uid") or ""):
+                raise ApiError(f"GET {ref}: the API answered without metadata.uid, so no "
+                               "patch could be tied to this object")
+        return doc
+
+    def _allowed(self, ref: ObjectRef) -> None:
+        """Only the calico-node DaemonSet the configuration names, wherever a name came from.
+
+        The scan takes the DaemonSet's name from the API's answer; an answer naming another
+        DaemonSet must not make remediation patch that one.
+        """
+        if (ref.api_version, ref.kind) != DAEMONSET:
+            _custom(ref)
+            return
+        calico = self.settings.calico
+        namespaces = ((calico.namespace,) if calico.namespace
+                      else (MANIFEST_NAMESPACE, OPERATOR_NAMESPACE))
+        if ref.name != calico.daemonset or ref.namespace not in namespaces:
+            raise RemediationRefused(
+                f"remediation only touches the DaemonSet the configuration names "
+                f"(calico.daemonset: {calico.daemonset}, in {' or '.join(namespaces)}), never "
+                f"{ref}: the scan took that name from the API's answer to its GET of "
+                f"{calico.daemonset} (or an older configuration named it)")
 
     def patch(self, ref: ObjectRef, body: Mapping[str, Any], *, patch_type: PatchType,
               dry_run: bool) -> dict[str, Any]:
         """PATCH one object; returns the object the server answered (the would-be object for
-        a dry run). Not retried here: the caller re-reads and re-plans on a 409."""
+        a dry run). Not retried here: the caller re-reads and re-plans on a 409.
+
+        `body` must carry `metadata.resourceVersion` and `metadata.uid` of the object it was
+        planned from: the API server then applies it to that object only (409 when it changed
+        since, 422 when another object now has its name).
+        """
+        self._allowed(ref)
+        meta = body.get("metadata")
+        uid = str(meta.get("uid") or "") if isinstance(meta, Mapping) else ""
+        if not uid or not (isinstance(meta, Mapping) and meta.get("resourceVersion")):
+            raise ValueError(f"a patch of {ref} must carry metadata.resourceVersion and "
+                             "metadata.uid preconditions")
         self._renew()
         what = f"PATCH {ref}" + (" (dry run)" if dry_run else "")
         kwargs: dict[str, Any] = {
@@ -118,7 +163,12 @@ class KubeWriter:
             if status in (401, 403):
                 raise ApiForbidden(f"{what}: {status} {status_message(exc)}",
                                    status=status) from None
-            raise ApiError(f"{what}: {status} {status_message(exc)}", status=status) from None
+            message = status_message(exc)
+            if status == 422 and "metadata.uid" in message:
+                raise ApiError(f"{what}: {ref} is no longer the object the change was planned "
+                               f"from (uid {uid}): it was deleted and created again; nothing "
+                               f"was changed ({status} {message})", status=status) from None
+            raise ApiError(f"{what}: {status} {message}", status=status) from None
         except urllib3.exceptions.HTTPError as exc:
             # The write may or may not have happened; the caller's precondition makes a retry
             # safe (it answers 409 when it did), so the caller decides.
@@ -129,7 +179,27 @@ class KubeWriter:
             raise ApiError(f"{what}: the answer is not valid JSON ({exc})") from None
         if not isinstance(doc, dict):
             raise ApiError(f"{what}: expected a JSON object, got {type(doc).__name__}")
+        _check_identity(what, ref, doc, uid=uid)
         return doc
+
+
+def _check_identity(what: str, ref: ObjectRef, doc: Mapping[str, Any], *,
+                    uid: str | None = None) -> None:
+    """The answer is the object asked for: kind, name, namespace (and uid, when known)."""
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    wanted = {"name": ref.name}
+    if ref.namespace is not None:
+        wanted["namespace"] = ref.namespace
+    if uid is not None:
+        wanted["uid"] = uid
+    wrong = [f"{key} {meta.get(key) or 'missing'}" for key, value in wanted.items()
+             if str(meta.get(key) or "") != value]
+    if doc.get("kind") not in (None, ref.kind):  # an answer may leave out its kind
+        wrong.insert(0, f"kind {doc.get('kind')}")
+    if wrong:
+        raise ApiError(f"{what}: the API answered with another object ({', '.join(wrong)}); "
+                       "refusing to act on it")
 
 
 def _custom(ref: ObjectRef) -> tuple[str, str, str]:

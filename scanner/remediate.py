@@ -112,7 +112,7 @@ class ObjectChange:
     ref: ObjectRef
     container: str | None  # the DaemonSet container whose env is patched
     patch_type: PatchType
-    patch: Mapping[str, Any]  # the body as sent, resourceVersion precondition included
+    patch: Mapping[str, Any]  # the body as sent, resourceVersion and uid preconditions included
     fields: tuple[str, ...]
     before: Mapping[str, Any]  # field -> value; a missing key: the field is absent
     after: Mapping[str, Any]
@@ -621,6 +621,9 @@ def _object_change(ref: ObjectRef, obj: Mapping[str, Any], container: str | None
         return None
     meta = obj.get("metadata") or {}
     rv = str(meta.get("resourceVersion") or "")
+    # With the resourceVersion, the uid: the patch lands on this very object or not at all
+    # (kube_write refuses to send a patch without both).
+    preconditions = {"resourceVersion": rv, "uid": str(meta.get("uid") or "")}
     before = {f: current[f] for f in fields if f in current}
     after = {f: copy.deepcopy(wanted[f]) for f in fields if wanted[f] is not REMOVE}
     if ref.kind == "DaemonSet":
@@ -636,12 +639,12 @@ def _object_change(ref: ObjectRef, obj: Mapping[str, Any], container: str | None
             for key in before.get(f) or {}:
                 entry.setdefault(key, None)
             entries.append(entry)
-        patch: dict[str, Any] = {"metadata": {"resourceVersion": rv}, "spec": {"template": {
+        patch: dict[str, Any] = {"metadata": dict(preconditions), "spec": {"template": {
             "spec": {"containers": [{"name": container, "env": entries}]}}}}
         patch_type: PatchType = "strategic"
     else:
         # Custom resources take no strategic merge patch; a JSON merge patch with null deletes.
-        patch = {"metadata": {"resourceVersion": rv}}
+        patch = {"metadata": dict(preconditions)}
         for f in fields:
             value = None if wanted[f] is REMOVE else copy.deepcopy(wanted[f])
             if f.startswith(ANNOTATION):

@@ -40,12 +40,12 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scanner.cli import database_url
+    from scanner.cli import check_readable, database_url
     from scanner.store import Store
     from scanner.trends import failing_streaks, trend
 
     with Store(database_url(args)) as store:
-        store.check_readable()
+        check_readable(store)
         if args.nodes:
             rows = [s.as_dict() for s in failing_streaks(store, clusters=args.cluster,
                                                          limit=args.limit)]

@@ -2409,6 +2409,19 @@ class KubeEmulator:
             wanted = meta.get("resourceVersion")
             if wanted and wanted != old["metadata"]["resourceVersion"]:
                 raise _conflict(rtype, name, _MODIFIED)
+            # A uid in the patch is a precondition too, checked where kube-apiserver checks
+            # it: after the resourceVersion, by update validation (rest.BeforeUpdate: uid is
+            # immutable), so a mismatch is 422 Invalid, not the 409 that PUT and DELETE
+            # preconditions give. Controllers rely on this (controller_ref_manager.go).
+            uid = meta.get("uid")
+            if uid and uid != old["metadata"].get("uid"):
+                raise _invalid(
+                    rtype,
+                    name,
+                    "metadata.uid",
+                    f'Invalid value: "{uid}": field is immutable',
+                    "FieldValueInvalid",
+                )
             return self._update(
                 rtype, old, new, subresource=subresource, preserve_status=True, dry_run=dry_run
             )
