@@ -576,7 +576,7 @@ def _collect(settings: ClusterSettings, api: Api, started: float) -> ClusterSnap
     main = felix_sets[discovered]
     return ClusterSnapshot(
         cluster=settings.name, install=install, namespace=namespace,
-        daemonset=str(meta.get("name")), container=settings.calico.container,
+        daemonset=settings.calico.daemonset, container=settings.calico.container,
         image=template.image, env=template.env, config_file=template.config_file,
         felix_configs=main.configs, felix_crd=main.error is None, installation=installation,
         rollout=rollout, pods=pods, nodes=nodes, collected_at=datetime.now(UTC),
@@ -595,6 +595,11 @@ def _find_daemonset(settings: ClusterSettings, api: Api, *, operator: bool
     for ns in candidates:
         doc = api.get(f"GET daemonset {ns}/{name}", api.apps.read_namespaced_daemon_set, name, ns)
         if doc is not None:
+            meta = doc.get("metadata") or {}
+            if meta.get("name") != name or meta.get("namespace", ns) != ns:
+                raise ApiError(f"GET daemonset {ns}/{name}: the API answered with another "
+                               f"object ({_printable(str(meta.get('namespace')))}/"
+                               f"{_printable(str(meta.get('name')))})")
             return doc, ns
     raise CalicoNotFound(f"no DaemonSet {name!r} in namespace {' or '.join(candidates)}; "
                          "set calico.namespace/daemonset in the config if Calico is elsewhere")

@@ -4,8 +4,9 @@ Only the CLI turns these into messages and exit codes::
 
     FelixscanError                      exit 2 unless a subclass says otherwise
     ├── ConfigError                     bad config file, kubeconfig or flag (exit 2)
-    ├── StoreError                      database unreachable, migration missing or failed (exit 2)
-    │   └── SchemaMismatch              database revision differs from the code's head
+    ├── StoreError                      database unreachable, migration missing or failed (exit 4)
+    │   ├── SchemaMismatch              database revision differs from the code's head
+    │   └── LockLost                    a cluster's lock was lost while held: nothing stored
     ├── ClusterError                    one cluster could not be scanned (stored as ERROR, exit 3)
     │   ├── ApiError                    the API answered with an error status or garbage
     │   │   └── ApiForbidden            401/403: credentials or RBAC
@@ -37,6 +38,11 @@ class ConfigError(FelixscanError):
 
 class StoreError(FelixscanError):
     """The results database cannot be used."""
+
+
+class LockLost(StoreError):
+    """A lock was lost while held: another process may hold it now, so nothing is stored
+    under it (the result is not stored: exit 4)."""
 
 
 class SchemaMismatch(StoreError):

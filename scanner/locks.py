@@ -35,7 +35,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from scanner.db import Lease
-from scanner.errors import StoreError
+from scanner.errors import LockLost, StoreError
 from scanner.store import Store, redact_url
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,6 @@ def advisory_key(name: str) -> int:
     """A signed 64-bit advisory lock key from the name (stable across processes and hosts)."""
     return int.from_bytes(hashlib.sha256(f"felixscan:{name}".encode()).digest()[:8],
                           "big", signed=True)
-
-
-class LockLost(StoreError):
-    """A lock was lost while held: another process may hold it now, so nothing is stored
-    under it. (A StoreError: the result is not stored, exit 4.)"""
 
 
 class HeldLock(Protocol):

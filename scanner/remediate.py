@@ -27,6 +27,7 @@ from scanner.config import ClusterSettings, MaintenanceWindow, Settings
 from scanner.db import RemediationAction
 from scanner.errors import ApiUnreachable, ClusterError, RemediationError, RemediationRefused
 from scanner.kube_write import KubeWriter, ObjectRef, PatchType
+from scanner.locks import HeldLock
 from scanner.records import ClusterResult, ClusterSnapshot, Declared, EnvVar, Install
 from scanner.scan import run_scan, scan_cluster
 from scanner.store import Store
@@ -236,7 +237,8 @@ def remediate(settings: Settings, cluster: str, *, store: Store, apply: bool, tr
               ignore_window: bool = False, confirm: Confirm | None = None,
               now: datetime | None = None, options: RemediateOptions | None = None,
               progress: Progress | None = None,
-              on_plan: Callable[[Plan], None] | None = None) -> RemediationResult:
+              on_plan: Callable[[Plan], None] | None = None,
+              lock: HeldLock | None = None) -> RemediationResult:
     """Plan (and with `apply`, make, follow and verify) the change that turns Felix metrics off.
 
     Dry run unless `apply`. With `apply`: refused (RemediationRefused, recorded as a `refused`
@@ -246,7 +248,9 @@ def remediate(settings: Settings, cluster: str, *, store: Store, apply: bool, tr
     maintenance window is checked against (default: the clock). `on_plan(plan)` is called once
     the plan is made, before any guard is enforced (the CLI prints it there); `progress` gets
     the rollout's counts as they change. Callers that may run concurrently hold the cluster's
-    database lock (`scanner.locks.cluster_lock_name`) around this call; it takes none itself.
+    database lock (`scanner.locks.cluster_lock_name`) around this call and pass it as `lock`:
+    it takes none itself, makes no change once the lock is lost, and stores its verification
+    scan only while the lock is held.
     """
     opts = options or RemediateOptions()
     cs = _cluster(settings, cluster)
@@ -264,14 +268,15 @@ def remediate(settings: Settings, cluster: str, *, store: Store, apply: bool, tr
                              options=opts)
         return _carry_out(settings, cs, plan, writer=writer, store=store, apply=apply,
                           trigger=trigger, confirm=confirm, options=opts, progress=progress,
-                          on_plan=on_plan, noop=_noop_message(before))
+                          on_plan=on_plan, noop=_noop_message(before), lock=lock)
 
 
 def rollback(settings: Settings, action_id: int, *, store: Store, apply: bool, trigger: str,
              ignore_window: bool = False, confirm: Confirm | None = None,
              now: datetime | None = None, options: RemediateOptions | None = None,
              progress: Progress | None = None,
-             on_plan: Callable[[Plan], None] | None = None) -> RemediationResult:
+             on_plan: Callable[[Plan], None] | None = None,
+             lock: HeldLock | None = None) -> RemediationResult:
     """Restore the values recorded before action `action_id`, with the same care as remediate.
 
     Refused when an object changed since the action (its fields no longer hold what the action
@@ -298,7 +303,8 @@ def rollback(settings: Settings, action_id: int, *, store: Store, apply: bool, t
         return _carry_out(settings, cs, plan, writer=writer, store=store, apply=apply,
                           trigger=trigger, confirm=confirm, options=opts, progress=progress,
                           on_plan=on_plan,
-                          noop=f"the values of action {action_id} are already restored")
+                          noop=f"the values of action {action_id} are already restored",
+                          lock=lock)
 
 
 def _restoring(writer: KubeWriter, obj: Mapping[str, Any], action_id: int
@@ -329,7 +335,8 @@ def _restoring(writer: KubeWriter, obj: Mapping[str, Any], action_id: int
 def _carry_out(settings: Settings, cs: ClusterSettings, plan: Plan, *, writer: KubeWriter,
                store: Store, apply: bool, trigger: str, confirm: Confirm | None,
                options: RemediateOptions, progress: Progress | None,
-               on_plan: Callable[[Plan], None] | None, noop: str) -> RemediationResult:
+               on_plan: Callable[[Plan], None] | None, noop: str,
+               lock: HeldLock | None = None) -> RemediationResult:
     if on_plan is not None:
         on_plan(plan)
     if not plan.changes:
@@ -339,7 +346,7 @@ def _carry_out(settings: Settings, cs: ClusterSettings, plan: Plan, *, writer: K
                                  message="dry run: nothing was changed")
     _admit(plan, store=store, trigger=trigger, confirm=confirm)
     return _execute(settings, cs, plan, writer=writer, store=store, trigger=trigger,
-                    options=options, progress=progress)
+                    options=options, progress=progress, lock=lock)
 
 
 @contextmanager
@@ -933,7 +940,7 @@ class _Run:
 
 def _execute(settings: Settings, cs: ClusterSettings, plan: Plan, *, writer: KubeWriter,
              store: Store, trigger: str, options: RemediateOptions,
-             progress: Progress | None) -> RemediationResult:
+             progress: Progress | None, lock: HeldLock | None = None) -> RemediationResult:
     run = _Run(store, store.add_remediation(
         cluster=plan.cluster, started_at=datetime.now(UTC), finished_at=None,
         trigger=trigger[:64], install=plan.install, mode=plan.mode, outcome="applying",
@@ -942,7 +949,7 @@ def _execute(settings: Settings, cs: ClusterSettings, plan: Plan, *, writer: Kub
              len(plan.changes))
     try:
         return _steps(settings, cs, plan, run, writer=writer, options=options,
-                      progress=progress)
+                      progress=progress, lock=lock)
     except BaseException as exc:
         # Ctrl-C or an error nobody expected: what was already patched stays on record.
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped by an error " \
@@ -962,7 +969,7 @@ def _undo(plan: Plan, run: _Run) -> str:
 
 def _steps(settings: Settings, cs: ClusterSettings, plan: Plan, run: _Run, *,
            writer: KubeWriter, options: RemediateOptions,
-           progress: Progress | None) -> RemediationResult:
+           progress: Progress | None, lock: HeldLock | None = None) -> RemediationResult:
     def finish(outcome: Outcome, message: str, *, rollout: RolloutReport | None = None,
                verify: tuple[int, ClusterResult] | None = None) -> RemediationResult:
         run.update(outcome=outcome, message=message, finished_at=datetime.now(UTC),
@@ -977,6 +984,11 @@ def _steps(settings: Settings, cs: ClusterSettings, plan: Plan, run: _Run, *,
     ds_generation: int | None = None
     restarts = False
     for change in plan.changes:
+        if lock is not None and lock.lost:
+            changed = f"; the changes before it are recorded{_undo(plan, run)}" \
+                if any(o.get("applied") for o in run.objects) else ""
+            return finish("failed", f"{change.ref}: not changed: the cluster's lock was lost, "
+                          f"so another felixscan may be working on it{changed}")
         try:
             done, answer, conflicts = _patch(writer, change, attempts=options.conflict_attempts)
         except ClusterError as exc:
@@ -1009,7 +1021,7 @@ def _steps(settings: Settings, cs: ClusterSettings, plan: Plan, run: _Run, *,
         min(60.0, options.rollout_timeout or 60.0)
     # A rollback re-enables the endpoint on purpose: nothing to wait for before the scan.
     verify = _verify(settings, cs, settle=settle if plan.mode == "apply" else 0.0,
-                     options=options, store=run.store)
+                     options=options, store=run.store, lock=lock)
     run_id, result = verify
     counts = {v: sum(1 for n in result.nodes if n.verdict == v) for v in ("pass", "fail",
                                                                            "unknown")}
@@ -1174,7 +1186,8 @@ def _some(items: Sequence[str], limit: int = 5) -> str:
 
 
 def _verify(settings: Settings, cs: ClusterSettings, *, settle: float,
-            options: RemediateOptions, store: Store) -> tuple[int, ClusterResult]:
+            options: RemediateOptions, store: Store,
+            lock: HeldLock | None = None) -> tuple[int, ClusterResult]:
     """Wait (probing only) up to `settle` seconds for compliance, then store a normal scan."""
     if settle > 0:
         deadline = time.monotonic() + settle
@@ -1185,5 +1198,6 @@ def _verify(settings: Settings, cs: ClusterSettings, *, settle: float,
                 break
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, options.poll_max)
-    outcome = run_scan(settings.select([cs.name]), store=store, trigger="remediation")
+    outcome = run_scan(settings.select([cs.name]), store=store, trigger="remediation",
+                       held={cs.name: lock} if lock is not None else None)
     return outcome.scan_id, outcome.clusters[0]

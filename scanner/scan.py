@@ -19,9 +19,9 @@ from scanner import __version__
 from scanner.calico import cluster_declared, resolve_nodes
 from scanner.collect import collect
 from scanner.config import ClusterSettings, Settings
-from scanner.errors import ClusterError, StoreError
+from scanner.errors import ClusterError, LockLost, StoreError
 from scanner.evaluate import evaluate, failed_cluster, probe_targets
-from scanner.locks import DatabaseLock, HeldLock, LockLost, cluster_lock_name, run_lock_name
+from scanner.locks import DatabaseLock, HeldLock, cluster_lock_name, run_lock_name
 from scanner.probe import ProbeSettings, probe_nodes
 from scanner.records import ClusterResult, ClusterSnapshot
 from scanner.runs import reconcile_runs

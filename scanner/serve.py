@@ -54,11 +54,12 @@ Clock = Callable[[], datetime]
 # The integration point for auto-remediation (issue 6): called after a non-compliant scan of a
 # cluster whose `remediation.auto` (and `enabled`) is true, while the cluster's lock is held;
 # a FelixscanError it raises is logged. Wired by passing `remediate=` to `run_serve`, e.g.
-# `lambda cs, result, store: remediate(settings, cs.name, store=store, apply=True,
-# trigger="serve:auto")` with `scanner.remediate.remediate` (which takes no lock itself).
-# Called with the cluster lock held after a non-compliant scheduled scan; returns the verifying
-# scan's result and run id when it made one, so an alert can say whether it worked.
-Remediator = Callable[[ClusterSettings, "ClusterResult", Store],
+# `lambda cs, result, store, lock: remediate(settings, cs.name, store=store, apply=True,
+# trigger="serve:auto", lock=lock)` with `scanner.remediate.remediate` (which takes no lock
+# itself). Called with the cluster lock held (and given it, so that nothing is changed or
+# stored once it is lost) after a non-compliant scheduled scan; returns the verifying scan's
+# result and run id when it made one, so an alert can say whether it worked.
+Remediator = Callable[[ClusterSettings, "ClusterResult", Store, "HeldLock | None"],
                       "tuple[ClusterResult, int] | None"]
 TRIGGER = "schedule"
 LOCK_BUSY = "another felixscan holds the cluster's lock"
@@ -374,7 +375,7 @@ class ScanScheduler:
             if result.cluster in outcome.stored:
                 self._alert(result, outcome.scan_id)
             if result.status == "non_compliant":
-                self._auto_remediate(job.cluster, result)
+                self._auto_remediate(job.cluster, result, held)
         status = outcome.clusters[0].status if outcome.clusters else "nothing scanned"
         job.info.last_outcome = f"scanned: {status}"
         return "scanned"
@@ -399,7 +400,8 @@ class ScanScheduler:
             findings=[(f.id, f.severity) for f in result.findings],
             public_url=self.settings.serve.public_url))
 
-    def _auto_remediate(self, cluster: ClusterSettings, result: ClusterResult) -> None:
+    def _auto_remediate(self, cluster: ClusterSettings, result: ClusterResult,
+                        held: HeldLock | None) -> None:
         if not (cluster.remediation.auto and cluster.remediation.enabled):
             return
         if self.remediate is None:
@@ -409,7 +411,7 @@ class ScanScheduler:
                             "auto-remediation yet; nothing was changed", cluster.name)
             return
         try:
-            verified = self.remediate(cluster, result, self.store)
+            verified = self.remediate(cluster, result, self.store, held)
         except FelixscanError as exc:
             log.error("cluster %s: auto-remediation failed: %s", cluster.name, exc)
             return
@@ -618,8 +620,8 @@ def auto_remediator(settings: Settings, *, clock: Clock = utcnow) -> Remediator:
     Outside the window it does nothing (the next scheduled scan inside the window will act).
     Refusals and failures are recorded by the remediation itself as actions.
     """
-    def run(cluster: ClusterSettings, result: ClusterResult,
-            store: Store) -> tuple[ClusterResult, int] | None:
+    def run(cluster: ClusterSettings, result: ClusterResult, store: Store,
+            lock: HeldLock | None) -> tuple[ClusterResult, int] | None:
         from scanner.remediate import in_window, remediate
 
         window = cluster.remediation.window
@@ -629,7 +631,7 @@ def auto_remediator(settings: Settings, *, clock: Clock = utcnow) -> Remediator:
                      "window (%s)", cluster.name, window.text if window else "none configured")
             return None
         outcome = remediate(settings, cluster.name, store=store, apply=True,
-                            trigger="serve:auto", now=now)
+                            trigger="serve:auto", now=now, lock=lock)
         log.warning("cluster %s: auto-remediation %s (action %s): %s", cluster.name,
                     outcome.outcome, outcome.action_id, outcome.message)
         if outcome.verify is not None and outcome.verify_run_id is not None:

@@ -478,8 +478,8 @@ def test_truncated_and_malformed_json(fh: FaultHarness, db_url: str) -> None:
 def test_a_daemonset_of_the_wrong_shape(fh: FaultHarness, sqlite_url: str) -> None:
     fh.healthy()
     fh.cluster("odd", ["closed"]).emu.inject(
-        r"daemonsets/calico-node", body=b'{"kind": "DaemonSet", "metadata": {"name": "x"}, '
-        b'"spec": {"template": {"spec": {"containers": "calico-node"}}}}')
+        r"daemonsets/calico-node", body=b'{"kind": "DaemonSet", "metadata": {"name": '
+        b'"calico-node"}, "spec": {"template": {"spec": {"containers": "calico-node"}}}}')
     out = fh.scan(sqlite_url)
     assert_isolated(out, sqlite_url, {"odd": "unexpected shape"})
 
@@ -543,11 +543,31 @@ def test_hardening_doc_lists_every_fault_test() -> None:
     tests = Path(__file__).resolve().parent
     defined = set()
     for name in ("test_faults_api.py", "test_faults_nodes.py", "test_faults_db.py",
-                 "test_faults_concurrency.py", "test_web_load.py", "test_secrets.py"):
+                 "test_faults_concurrency.py", "test_web_load.py", "test_secrets.py",
+                 "test_hardening_locks.py", "test_hardening_web.py", "test_hardening_cli.py",
+                 "test_demo.py", "test_scan_parity.py", "test_remediate.py"):
         tree = ast.parse((tests / name).read_text())
         defined |= {f.name for f in tree.body
                     if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
     doc = (tests.parent / "docs" / "hardening.md").read_text()
     named = set(re.findall(r"`(test_[a-z0-9_]+)(?:\[[^\]`]*\])?`", doc))
-    assert defined - named == set(), "tests missing from docs/hardening.md"
+    # Of the suites that are not all about faults, only the tests the page names are checked.
+    partial = ("test_demo.py", "test_scan_parity.py", "test_remediate.py")
+    whole = {f.name for name in partial
+             for f in ast.parse((tests / name).read_text()).body
+             if isinstance(f, ast.FunctionDef)}
+    assert defined - whole - named == set(), "tests missing from docs/hardening.md"
     assert named - defined == set(), "docs/hardening.md names tests that do not exist"
+
+
+def test_a_daemonset_answer_naming_another_object_is_an_error(fh: FaultHarness,
+                                                              sqlite_url: str) -> None:
+    """The scan reads the DaemonSet it asked for, or none: an answer naming another object is
+    the cluster's error, never evaluated (or shown) in its place."""
+    fh.healthy()
+    fh.cluster("forged", ["closed"]).emu.inject(
+        r"daemonsets/calico-node", body=b'{"kind": "DaemonSet", "metadata": {"name": '
+        b'"victim-ds", "namespace": "kube-system"}, "spec": {}}')
+    out = fh.scan(sqlite_url)
+    assert_isolated(out, sqlite_url, {"forged": "the API answered with another object "
+                                                "(kube-system/victim-ds)"})

@@ -37,8 +37,9 @@ import scanner.cli
 from scanner.cli import main
 from scanner.config import ServeSettings, load_settings
 from scanner.emulator.nodes import address_for
+from scanner.errors import LockLost
 from scanner.evaluate import failed_cluster
-from scanner.locks import DatabaseLock, LockLost, advisory_key, cluster_lock_name
+from scanner.locks import DatabaseLock, advisory_key, cluster_lock_name
 from scanner.records import ClusterResult
 from scanner.serve import ScanScheduler, ServeStore
 from scanner.store import Store
@@ -253,7 +254,7 @@ def test_scheduled_scan_that_loses_its_lock_stores_nothing_and_remediates_nothin
                        schedule="0 2 * * *", serve=ServeSettings())
     calls: list[str] = []
 
-    def remediate(cluster: Any, result: ClusterResult, store: Store) -> None:
+    def remediate(cluster: Any, result: ClusterResult, store: Store, lock: Any) -> None:
         calls.append(cluster.name)
 
     store = ServeStore(pg_url)

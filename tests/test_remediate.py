@@ -901,3 +901,31 @@ def test_plan_turns_off_every_spelling_and_what_lies_beneath() -> None:
         ("Installation", "default", "spec/nodeMetricsPort"),
         ("FelixConfiguration", "default", "spec/prometheusMetricsEnabled"),
         ("FelixConfiguration", "node.n", "spec/prometheusMetricsEnabled")]
+
+
+def test_nothing_is_patched_once_the_cluster_lock_is_lost(harness: Harness,
+                                                          sqlite_url: str) -> None:
+    """A lock that vanished (PostgreSQL session ended, lease taken over) means another felixscan
+    may be working on the cluster: remediation makes no change after that, and says why."""
+    harness.cluster("c1", ["felix-http"] * 2, options=ENABLED_OPTS, env={ENABLED: "true"})
+    emu = harness.emulators["c1"]
+    settings = load_settings(harness.config(database=sqlite_url))
+
+    class Lost:
+        name = "cluster:c1"
+        lost = True
+
+        def fence(self, conn: Any) -> None:
+            raise AssertionError("nothing may be stored under a lost lock")
+
+        def release(self) -> None:
+            pass
+
+    with Store(sqlite_url) as store:
+        result = remediate(settings, "c1", store=store, apply=True, trigger="cli",
+                           ignore_window=True, confirm=lambda plan: True,
+                           lock=Lost())  # type: ignore[arg-type]
+    assert result.outcome == "failed"
+    assert "lock was lost" in result.message
+    assert not [w for w in writes(emu) if not w.dry_run]
+    assert [a.outcome for a in actions(sqlite_url)] == ["failed"]

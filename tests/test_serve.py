@@ -164,7 +164,7 @@ def test_alerts_and_auto_remediation_hook(harness: Harness, sqlite_url: str) -> 
     store = ServeStore(sqlite_url)
     store.upgrade()
     sched = ScanScheduler(settings, store, alerts=alerts,
-                          remediate=lambda c, r, s: calls.append((c.name, r.status)))
+                          remediate=lambda c, r, s, lock: calls.append((c.name, r.status)))
     try:
         assert sched.run_cluster("flip", slot=datetime.now(UTC)) == "scanned"
         assert receiver.got.wait(10)

@@ -13,7 +13,7 @@ import json
 import socket
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, TextIO
 
 from scanner.errors import ConfigError, RemediationRefused
@@ -88,7 +88,7 @@ def trigger() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from scanner.config import load_settings
-    from scanner.locks import DatabaseLock, cluster_lock_name
+    from scanner.locks import DatabaseLock, HeldLock, cluster_lock_name
     from scanner.remediate import RemediateOptions, remediate, rollback
     from scanner.store import Store
 
@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
             cluster = row.cluster
         # Only a change needs the lock that `serve` takes too: a dry run changes nothing.
         locks = DatabaseLock(store)
-        lock = locks.hold(cluster_lock_name(cluster)) if args.apply else nullcontext(object())
+        lock: AbstractContextManager[HeldLock | None] = (
+            locks.hold(cluster_lock_name(cluster)) if args.apply else nullcontext(None))
         with lock as held:
             if args.apply and held is None:
                 raise RemediationRefused(f"another felixscan process is scanning or remediating "
@@ -127,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
                     result = rollback(settings, args.rollback, store=store, apply=args.apply,
                                       trigger=trigger(), ignore_window=args.ignore_window,
                                       confirm=confirm, options=options, progress=view,
-                                      on_plan=_print_plan)
+                                      on_plan=_print_plan, lock=held)
                 else:
                     result = remediate(settings, args.cluster, store=store, apply=args.apply,
                                        trigger=trigger(), ignore_window=args.ignore_window,
                                        confirm=confirm, options=options, progress=view,
-                                       on_plan=_print_plan)
+                                       on_plan=_print_plan, lock=held)
             finally:
                 view.end()
     _print_result(result, apply=args.apply)
