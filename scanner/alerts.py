@@ -252,8 +252,10 @@ class AlertSender:
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait  # waits end early on close()
         self._thread = threading.Thread(target=self._work, name="alerts", daemon=True)
+        # Read by /metrics (scanner.metrics); the worker alone writes the first two.
         self.delivered = 0
         self.failed = 0
+        self.dropped = 0  # queue full: never sent
         self.stuck_after = stuck_after if stuck_after is not None else (
             (settings.retries + 1) * settings.timeout_seconds
             + settings.retries * MAX_BACKOFF * 1.1 + 60.0)
@@ -273,6 +275,7 @@ class AlertSender:
         except queue.Full:
             with self._pending_lock:
                 self._pending.pop()
+                self.dropped += 1
             log.error("alert for %s dropped: %d alerts are waiting for %s", alert.cluster,
                       QUEUE_SIZE, redact_webhook(self._url))
             return False

@@ -36,6 +36,7 @@ from scanner.alerts import AlertSender, build_alert, transition
 from scanner.config import ClusterSettings, Settings, parse_listen
 from scanner.errors import ConfigError, FelixscanError, StoreError
 from scanner.locks import DatabaseLock, HeldLock, cluster_lock_name
+from scanner.metrics import ScanStats
 from scanner.runs import (
     abort_runs,
     last_scan_started,
@@ -187,12 +188,15 @@ class ScanScheduler:
 
     def __init__(self, settings: Settings, store: Store, *, alerts: AlertSender | None = None,
                  remediate: Remediator | None = None, clock: Clock = utcnow,
-                 triggers: Mapping[str, CronTrigger] | None = None) -> None:
-        """`triggers` replaces the cron triggers of the named clusters (tests fire each second)."""
+                 triggers: Mapping[str, CronTrigger] | None = None,
+                 stats: ScanStats | None = None) -> None:
+        """`triggers` replaces the cron triggers of the named clusters (tests fire each second).
+        `stats` counts this process's scans for /metrics (by default a fresh one)."""
         self.settings = settings
         self.store = store
         self.alerts = alerts
         self.remediate = remediate
+        self.stats = stats if stats is not None else ScanStats()
         self.clock = clock
         self.locks = DatabaseLock(store, ttl_seconds=settings.serve.lock_ttl_seconds)
         serve = settings.serve
@@ -209,6 +213,7 @@ class ScanScheduler:
                 continue
             self._jobs[cluster.name] = _Job(cluster, trigger, JobInfo(
                 cluster=cluster.name, schedule=expr or str(trigger), timezone=tz))
+            self.stats.expect(cluster.name)
         self._slots = threading.BoundedSemaphore(serve.max_concurrent_scans)
         self._stopping = threading.Event()
         self._idle = threading.Condition()
@@ -361,8 +366,16 @@ class ScanScheduler:
         name = job.cluster.name
         job.info.last_started = self.clock()
         log.info("cluster %s: scheduled scan starting", name)
-        outcome = run_scan(self.settings.select([name]), store=self.store, trigger=TRIGGER,
-                           clock=self.clock, locks=self.locks, held={name: held})
+        began = time.monotonic()
+        try:
+            outcome = run_scan(self.settings.select([name]), store=self.store, trigger=TRIGGER,
+                               clock=self.clock, locks=self.locks, held={name: held})
+        except Exception:
+            # The run itself failed: nothing was stored.
+            self.stats.scan_ended(name, time.monotonic() - began, results=None)
+            raise
+        self.stats.scan_ended(name, time.monotonic() - began, results=[
+            (r.cluster, r.status, r.cluster in outcome.stored) for r in outcome.clusters])
         if name in outcome.lock_lost:
             # Not stored, and nothing more under a lock another process may hold now: no
             # alert, no remediation.
@@ -503,6 +516,8 @@ def run_serve(settings: Settings, *, listen: str, environ: Mapping[str, str] | N
     env = os.environ if environ is None else environ
     host, _port = _listen_host(listen)
     auth = Auth.from_environ(env)
+    # Optional: a second token that opens /metrics and nothing else, for Prometheus.
+    metrics_auth = Auth.from_environ(env, name="FELIXSCAN_METRICS_TOKEN")
     if not auth.enabled and not is_loopback(host):
         raise ConfigError(
             f"refusing to serve on {listen} without access control: set FELIXSCAN_WEB_TOKEN "
@@ -522,7 +537,8 @@ def run_serve(settings: Settings, *, listen: str, environ: Mapping[str, str] | N
                             entries=settings.serve.report_cache_entries)
         stack.append(cache.close)
         app = create_app(store=store, auth=auth, schedule=scheduler,
-                         clusters=[c.name for c in settings.clusters], reports=cache)
+                         clusters=[c.name for c in settings.clusters], reports=cache,
+                         metrics_auth=metrics_auth if metrics_auth.enabled else None)
         sock = bind(listen)
         stack.append(sock.close)
         grace = settings.serve.shutdown_grace_seconds

@@ -4,6 +4,7 @@ Read-only: every page reads the results database through `scanner.web_queries`; 
 holds or sees cluster credentials. Access needs the token of `FELIXSCAN_WEB_TOKEN` (or the file
 named by `FELIXSCAN_WEB_TOKEN_FILE`) as a Bearer token, as the Basic-auth password, or through
 the login form's session cookie. `/healthz`, `/readyz`, `/login` and the stylesheet are open.
+`/metrics` (Prometheus, `scanner.metrics`) also takes the optional `FELIXSCAN_METRICS_TOKEN`.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reports.web import ReportCache, history_chart, render_page, sparkline, stylesheet
 from scanner import __version__
-from scanner.alerts import AlertHealth
+from scanner.alerts import AlertHealth, AlertSender
 from scanner.errors import ConfigError, ReportError, StoreError
+from scanner.metrics import exposition, metrics_registry
 from scanner.serve import JobInfo, ScanScheduler, describe_jobs
 from scanner.store import Store
 from scanner.trends import trend
@@ -66,6 +68,7 @@ _DATE = "([0-9]{4}-[0-9]{2}-[0-9]{2})"
 _PERIOD_FILE = re.compile(rf"^{_DATE}_{_DATE}\.(pdf|html)$")
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/assets/web.css"})
 _HEALTH_PATHS = frozenset({"/healthz", "/readyz"})  # never read the token
+METRICS_PATH = "/metrics"  # the web token, or FELIXSCAN_METRICS_TOKEN (this path only)
 _LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
 _MAX_TOKEN_FILE = 4096  # bytes
 PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
@@ -102,23 +105,28 @@ class Auth:
     problem is logged once per change of the file, not per request.
     """
 
-    def __init__(self, *, token: str | None = None, token_file: Path | None = None) -> None:
+    def __init__(self, *, token: str | None = None, token_file: Path | None = None,
+                 name: str = "FELIXSCAN_WEB_TOKEN") -> None:
+        """`name`: the variable the token comes from (`name` or `name`_FILE), for messages."""
         self._token = token  # with a file: the last good token read from it
         self._file = token_file
+        self._name = name
         self._seen: bytes | str | None = None  # the file's last content, or why it was unread
         self._file_bad = False  # its last change was refused (and logged)
         if token is not None:
-            _check_token(token, "FELIXSCAN_WEB_TOKEN")
+            _check_token(token, name)
         if token_file is not None:
             self.token()  # fail at start, not at the first request
 
     @classmethod
-    def from_environ(cls, env: Mapping[str, str]) -> Auth:
-        token, file = env.get("FELIXSCAN_WEB_TOKEN"), env.get("FELIXSCAN_WEB_TOKEN_FILE")
+    def from_environ(cls, env: Mapping[str, str], *,
+                     name: str = "FELIXSCAN_WEB_TOKEN") -> Auth:
+        """The token of `name` or of the file named by `name`_FILE (e.g. the optional
+        FELIXSCAN_METRICS_TOKEN, which opens /metrics only)."""
+        token, file = env.get(name), env.get(f"{name}_FILE")
         if token and file:
-            raise ConfigError("set FELIXSCAN_WEB_TOKEN or FELIXSCAN_WEB_TOKEN_FILE, not both",
-                              key="FELIXSCAN_WEB_TOKEN")
-        return cls(token=token or None, token_file=Path(file) if file else None)
+            raise ConfigError(f"set {name} or {name}_FILE, not both", key=name)
+        return cls(token=token or None, token_file=Path(file) if file else None, name=name)
 
     @property
     def enabled(self) -> bool:
@@ -161,7 +169,7 @@ class Auth:
             return
         if self._token is None:
             raise ConfigError(f"the token file {self._file} {problem}",
-                              key="FELIXSCAN_WEB_TOKEN_FILE")
+                              key=f"{self._name}_FILE")
         # A Secret being rotated may be empty or gone for a moment: keep serving.
         self._file_bad = True
         log.warning("token file %s %s; the last good token stays in use", self._file, problem)
@@ -269,11 +277,18 @@ def _ascii_number(text: str, digits: int) -> bool:
 
 
 class Guard:
-    """ASGI middleware: access control and the security headers on every response."""
+    """ASGI middleware: access control and the security headers on every response.
 
-    def __init__(self, app: ASGIApp, auth: Auth) -> None:
+    `metrics_auth`: a token that opens METRICS_PATH and nothing else (Prometheus's), besides
+    the web token, which opens everything.
+    """
+
+    def __init__(self, app: ASGIApp, auth: Auth, metrics_auth: Auth | None = None) -> None:
         self.app = app
         self.auth = auth
+        # An Auth without a token allows everyone: only one that has a token counts here.
+        self.metrics_auth = metrics_auth if metrics_auth is not None and metrics_auth.enabled \
+            else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -304,6 +319,8 @@ class Guard:
             await self.app(scope, receive, send_with_headers)
             return
         allowed, by_session = self.auth.check(headers)
+        if not allowed and path == METRICS_PATH and self.metrics_auth is not None:
+            allowed = self.metrics_auth.check(headers)[0]
         scope.setdefault("state", {})["session"] = by_session
         if not allowed and path not in _OPEN_PATHS:
             response = _unauthorized(path, scope)
@@ -314,7 +331,7 @@ class Guard:
 
 def _unauthorized(path: str, scope: Scope) -> Response:
     response: Response
-    if path.startswith("/api/"):
+    if path.startswith("/api/") or path == METRICS_PATH:  # machines: no login form
         response = _json({"error": "unauthorized",
                           "detail": "send Authorization: Bearer TOKEN"}, 401)
     else:
@@ -435,15 +452,21 @@ class _Row:
 def create_app(*, store: Store, auth: Auth, reports: ReportCache,
                schedule: ScheduleView | None = None, clusters: Sequence[str] = (),
                clock: Callable[[], datetime] | None = None,
-               alerts: AlertView | None = None) -> ASGIApp:
+               alerts: AlertView | None = None,
+               metrics_auth: Auth | None = None) -> ASGIApp:
     """The ASGI app. `clusters`: configured names, listed even before their first scan.
 
-    `alerts`: the alert sender whose worker /readyz checks; by default the scheduler's.
+    `alerts`: the alert sender whose worker /readyz checks (and whose deliveries /metrics
+    counts); by default the scheduler's. `metrics_auth`: a token for /metrics only.
     """
     now_fn = clock or (lambda: datetime.now(UTC))
     configured = tuple(clusters)
     if alerts is None and isinstance(schedule, ScanScheduler):
         alerts = schedule.alerts
+    # This app's own registry: the figures are read from the database at each scrape.
+    registry = metrics_registry(
+        store, stats=schedule.stats if isinstance(schedule, ScanScheduler) else None,
+        alerts=alerts if isinstance(alerts, AlertSender) else None, configured=configured)
 
     def base(request: Request) -> dict[str, Any]:
         return _base(session=bool(request.scope.get("state", {}).get("session")),
@@ -676,6 +699,11 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
     def api_openapi(request: Request) -> Response:
         return _json(openapi())
 
+    def metrics(request: Request) -> Response:
+        # A worker thread, as every page that reads the database.
+        body, content_type = exposition(registry, request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type})
+
     # --- errors ----------------------------------------------------------------------------
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -705,6 +733,7 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
         Route("/assets/web.css", css),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route(METRICS_PATH, metrics),
         Route("/api/clusters", api_clusters),
         Route("/api/clusters/{name:path}", api_cluster),
         Route("/api/scans", api_scans),
@@ -716,7 +745,7 @@ def create_app(*, store: Store, auth: Auth, reports: ReportCache,
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: http_error, StoreError: store_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
-    return Guard(app, auth)
+    return Guard(app, auth, metrics_auth)
 
 
 class _OpenFileResponse(Response):
@@ -796,9 +825,34 @@ async def _form(request: Request, limit: int = 8192) -> dict[str, str]:
 
 # --- OpenAPI -------------------------------------------------------------------------------
 
+_METRICS_DOC = """\
+Needs the web token, or the optional FELIXSCAN_METRICS_TOKEN, which opens this path only
+(Prometheus: `authorization: {type: Bearer}`). The cluster and fleet figures come from the
+database, so clusters scanned by CronJob agents count too; the scan and alert counters are this
+process's own. Names (no `felix_` prefix: that is how the probe recognises Felix):
+
+* `felixscan_cluster_compliant{cluster}`: 1 when the latest scan found the cluster compliant,
+  else 0 (non-compliant, or the scan failed)
+* `felixscan_cluster_status{cluster,status}`: 1 for the latest scan's status, 0 for the others
+  (`compliant`, `non_compliant`, `error`)
+* `felixscan_cluster_nodes{cluster,verdict}`: nodes of the latest scan by verdict (`pass`,
+  `fail`, `unknown`)
+* `felixscan_cluster_last_scan_timestamp_seconds{cluster}`,
+  `felixscan_cluster_last_successful_scan_timestamp_seconds{cluster}`: when the latest scan, and
+  the latest scan that was not an error, started (the latter absent while there is none)
+* `felixscan_fleet_clusters{status}` (also `never_scanned`), `felixscan_fleet_nodes{verdict}`
+* `felixscan_database_up`: 0 when the database did not answer (cluster and fleet figures left out)
+* `felixscan_scan_duration_seconds{cluster}` (histogram) and
+  `felixscan_scan_errors_total{cluster,reason}` (`scan`: stored as an error; `store`: not
+  stored) for the scans this process ran
+* `felixscan_alerts_delivered_total`, `felixscan_alerts_failed_total`,
+  `felixscan_alerts_dropped_total`, `felixscan_alerts_queued`
+* `felixscan_build_info{version,python_version}`, and the standard `process_*` metrics
+"""
+
 
 def openapi() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of `/api/`, `/healthz` and `/readyz`."""
+    """The OpenAPI 3.1 description of `/api/`, `/metrics`, `/healthz` and `/readyz`."""
     def ref(name: str) -> dict[str, str]:
         return {"$ref": f"#/components/schemas/{name}"}
 
@@ -846,7 +900,10 @@ def openapi() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
                                 "basic": {"type": "http", "scheme": "basic",
                                           "description": "any user name; the token as "
-                                          "password"}},
+                                          "password"},
+                                "metrics": {"type": "http", "scheme": "bearer",
+                                            "description": "FELIXSCAN_METRICS_TOKEN (or "
+                                            "_FILE), optional: opens /metrics only"}},
             "schemas": {"Latest": latest, "Scan": scan},
         },
         "paths": {
@@ -891,6 +948,18 @@ def openapi() -> dict[str, Any]:
                 "responses": ok({"type": "object"}, "the schedule")}},
             "/api/openapi.json": {"get": {"summary": "This description",
                                           "responses": ok({"type": "object"}, "OpenAPI")}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics, read from the database at each scrape",
+                "description": _METRICS_DOC,
+                "security": [{"bearer": []}, {"basic": []}, {"metrics": []}],
+                "responses": {
+                    "200": {"description": "Prometheus text format 0.0.4, or OpenMetrics "
+                                           "1.0.0 when the Accept header asks for it",
+                            "content": {
+                                "text/plain; version=0.0.4": {"schema": {"type": "string"}},
+                                "application/openmetrics-text; version=1.0.0":
+                                    {"schema": {"type": "string"}}}},
+                    "401": {"description": "no or wrong token"}}}},
             "/healthz": {"get": {"summary": "The process is alive (no token needed)",
                                  "security": [],
                                  "responses": {"200": {"description": "alive"}}}},

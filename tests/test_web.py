@@ -442,7 +442,7 @@ def test_openapi_describes_every_api_route(site: tuple[str, Store, FakeSchedule]
     assert doc == json.loads(json.dumps(openapi()))
     app = create_app(store=site[1], auth=Auth(token=TOKEN), reports=ReportCache(tmp_path))
     routes = {r.path.replace(":path", "") for r in app.app.routes  # type: ignore[attr-defined]
-              if r.path.startswith("/api/") or r.path in ("/healthz", "/readyz")}
+              if r.path.startswith("/api/") or r.path in ("/healthz", "/readyz", "/metrics")}
     assert routes == set(doc["paths"])
 
 
