@@ -1,6 +1,8 @@
-"""`build_report`: database -> report data -> HTML or PDF file, timed step by step.
+"""`build_report`: database -> report data -> HTML, PDF or a machine format, timed step by step.
 
-The one entry point the CLI, the web page and the demo call for a report.
+The one entry point the CLI, the web page and the demo call for a report (`render_report`
+when the bytes go elsewhere than a file, e.g. stdout). The machine formats (json, sarif,
+junit, ocsf, csv) are encoded by `scanner.outputs` from the same report data.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Literal
 from reports.integrity import canonical_json, report_hash
 from reports.render import check_pdf_variant, render_html, render_pdf
 from scanner.errors import ReportError
-from scanner.history import load_report
+from scanner.history import ReportData, load_report
 from scanner.store import Store
 
-Format = Literal["html", "pdf"]
+Format = Literal["html", "pdf", "json", "sarif", "junit", "ocsf", "csv"]
+FORMATS: tuple[Format, ...] = ("pdf", "html", "json", "sarif", "junit", "ocsf", "csv")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,21 @@ class ReportInfo:
     timings: Mapping[str, float]  # seconds: query, hash, template, layout (PDF), write
 
 
+@dataclass(frozen=True, slots=True)
+class RenderedReport:
+    """A report made but not written anywhere."""
+
+    body: bytes
+    format: Format
+    sha256: str  # of the report data (canonical JSON), as printed in the report
+    scan_ids: tuple[int, ...]
+    clusters: tuple[str, ...]
+    not_scanned: tuple[str, ...]
+    since: date
+    until: date
+    timings: dict[str, float]
+
+
 def build_report(store: Store, *, clusters: Sequence[str] = (), since: date | None = None,
                  until: date | None = None, fmt: str = "pdf", out: str | Path,
                  pdf_variant: str | None = None, now: datetime | None = None) -> ReportInfo:
@@ -45,8 +63,23 @@ def build_report(store: Store, *, clusters: Sequence[str] = (), since: date | No
     Raises ReportError for an unknown cluster, an empty period, a bad format or variant;
     nothing is written then.
     """
-    if fmt not in ("html", "pdf"):
-        raise ReportError(f"unknown report format {fmt!r}; use pdf or html")
+    r = render_report(store, clusters=clusters, since=since, until=until, fmt=fmt,
+                      pdf_variant=pdf_variant, now=now)
+    t = time.perf_counter()
+    path = Path(out)
+    _write_atomically(path, r.body)
+    r.timings["write"] = time.perf_counter() - t
+    return ReportInfo(path=path, format=r.format, sha256=r.sha256, scan_ids=r.scan_ids,
+                      clusters=r.clusters, not_scanned=r.not_scanned, since=r.since,
+                      until=r.until, size=len(r.body), timings=r.timings)
+
+
+def render_report(store: Store, *, clusters: Sequence[str] = (), since: date | None = None,
+                  until: date | None = None, fmt: str = "pdf", pdf_variant: str | None = None,
+                  now: datetime | None = None) -> RenderedReport:
+    """The report's bytes, as `build_report` would write them; the same errors."""
+    if fmt not in FORMATS:
+        raise ReportError(f"unknown report format {fmt!r}; use {', '.join(FORMATS)}")
     if pdf_variant is not None and fmt != "pdf":
         raise ReportError("--pdf-variant applies to PDF reports only")
     check_pdf_variant(pdf_variant)  # before the queries: a typo should fail at once
@@ -60,6 +93,14 @@ def build_report(store: Store, *, clusters: Sequence[str] = (), since: date | No
     digest = report_hash(raw)
     timings["hash"] = time.perf_counter() - t
 
+    if fmt not in ("html", "pdf"):
+        from scanner.outputs import encode, report_document
+
+        t = time.perf_counter()
+        body = encode(report_document(data, sha256=digest), fmt).encode("utf-8")
+        timings["encode"] = time.perf_counter() - t
+        return _rendered(data, digest, body, fmt, timings)
+
     t = time.perf_counter()
     html = render_html(data, digest=digest)
     timings["template"] = time.perf_counter() - t
@@ -70,15 +111,15 @@ def build_report(store: Store, *, clusters: Sequence[str] = (), since: date | No
         timings["layout"] = time.perf_counter() - t
     else:
         body = html.encode("utf-8")
+    return _rendered(data, digest, body, fmt, timings)
 
-    t = time.perf_counter()
-    path = Path(out)
-    _write_atomically(path, body)
-    timings["write"] = time.perf_counter() - t
-    return ReportInfo(path=path, format="pdf" if fmt == "pdf" else "html", sha256=digest,
-                      scan_ids=data.scan_ids, clusters=tuple(c.name for c in data.clusters),
-                      not_scanned=data.not_scanned, since=data.since, until=data.until,
-                      size=len(body), timings=timings)
+
+def _rendered(data: ReportData, digest: str, body: bytes, fmt: str,
+              timings: dict[str, float]) -> RenderedReport:
+    return RenderedReport(body=body, format=next(f for f in FORMATS if f == fmt), sha256=digest,
+                          scan_ids=data.scan_ids, clusters=tuple(c.name for c in data.clusters),
+                          not_scanned=data.not_scanned, since=data.since, until=data.until,
+                          timings=timings)
 
 
 def _write_atomically(path: Path, body: bytes) -> None:

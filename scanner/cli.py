@@ -8,8 +8,6 @@ scanned, 4 the results database cannot be used.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,10 +15,13 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from scanner import __version__
+from scanner import __version__, progress
 from scanner.config import Settings, load_settings
 from scanner.errors import ConfigError, FelixscanError, ReportError, StoreError
-from scanner.records import ClusterResult
+from scanner.logs import LOG_FORMATS, configured, say
+from scanner.outputs import FORMATS as OUTPUT_FORMATS
+from scanner.outputs import cluster_json as cluster_json  # noqa: PLC0414 (re-exported:
+from scanner.outputs import summary_line as summary_line  # noqa: PLC0414 they lived here)
 
 LOCK_WAIT_SECONDS = 60.0  # how long `scan` waits for another process scanning the same cluster
 EXIT_OK, EXIT_NON_COMPLIANT, EXIT_USAGE, EXIT_CLUSTER_ERROR, EXIT_STORE = 0, 1, 2, 3, 4
@@ -30,10 +31,13 @@ EXIT_CODES = (
     "cannot be used or a result could not be stored (this wins over 1 and 3: the record is "
     "incomplete).")
 DEMO_DATABASE = "felixscan-demo.db"  # what `felixscan demo` writes into its --out-dir (default .)
-REPORT_FORMATS = {".pdf": "pdf", ".html": "html", ".htm": "html"}
+REPORT_FORMATS = {".pdf": "pdf", ".html": "html", ".htm": "html", ".sarif": "sarif",
+                  ".sarif.json": "sarif", ".ocsf.json": "ocsf", ".xml": "junit", ".csv": "csv"}
+JSON_FORMATS = ("json", "ocsf", "sarif")  # what a plain .json --out may hold: --format says
 # -v/-q given after a subcommand land in "verbose:<prog>"/"quiet:<prog>", one key per parser,
 # so that argparse, copying a subcommand's results over the main ones, loses none of them.
-_VERBOSE, _QUIET = "verbose", "quiet"
+_VERBOSE, _QUIET, _LOG_FORMAT = "verbose", "quiet", "log_format"  # so is --log-format
+PROGRESS_COMMANDS = ("scan", "demo", "report", "remediate")  # these show progress on stderr
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,9 +57,13 @@ class _CommandParser(_Parser):
 
 def _verbosity_flags(p: argparse.ArgumentParser, *, suffix: str = "") -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, dest=_VERBOSE + suffix,
-                   help="log progress to stderr (-vv for debug, -vvv with SQL)")
+                   help="log more to stderr: each cluster's phases (-vv for debug and the "
+                   "libraries' logs, -vvv with SQL)")
     p.add_argument("-q", "--quiet", action="count", default=0, dest=_QUIET + suffix,
-                   help="log errors only (no warnings)")
+                   help="log errors only (no warnings, no progress)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, dest=_LOG_FORMAT + suffix,
+                   help="text (default), or json: one JSON object a line on stderr (time, "
+                   "level, logger, message, cluster, phase, scan_id)")
 
 
 def verbosity(args: argparse.Namespace) -> int:
@@ -63,6 +71,12 @@ def verbosity(args: argparse.Namespace) -> int:
     counts = vars(args)
     return (sum(int(v) for k, v in counts.items() if k.split(":")[0] == _VERBOSE)
             - sum(int(v) for k, v in counts.items() if k.split(":")[0] == _QUIET))
+
+
+def log_format(args: argparse.Namespace) -> str:
+    """--log-format, wherever it was given; after the subcommand wins over before it."""
+    given = [v for k, v in vars(args).items() if k.split(":")[0] == _LOG_FORMAT and v]
+    return str(given[-1]) if given else "text"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,20 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
     _common(scan)
     scan.add_argument("--cluster", action="append", default=[], metavar="NAME",
                       help="scan only this configured cluster (repeatable)")
-    scan.add_argument("--json", action="store_true", help="print one JSON document")
+    scan.add_argument("--json", action="store_true",
+                      help="print one JSON document (the same as --format json)")
+    scan.add_argument("--format", choices=OUTPUT_FORMATS, dest="output_format",
+                      help="text (default: a summary per cluster); json (the versioned "
+                      "document, schema in scanner/schemas/scan-result.schema.json); sarif "
+                      "(SARIF 2.1.0); junit (JUnit XML: a suite per cluster, a case per "
+                      "node); ocsf (OCSF Compliance Finding events); csv (a row per finding)")
+    scan.add_argument("--output", metavar="FILE",
+                      help="write the --format output to FILE (atomically) instead of stdout; "
+                      "stdout then shows the text summary")
 
     report = sub.add_parser(
-        "report", help="render an HTML or PDF report from the database (or verify a PDF)",
+        "report", help="render a PDF, HTML or machine-format report from the database (or "
+        "verify a PDF)",
         description="Render a compliance report from the results database; no cluster access "
-        "is needed. `felixscan report verify FILE.pdf [FILE.pdf ...]` recomputes the integrity "
-        "hash from the data embedded in each PDF report: exit 0 when every one matches, 1 when "
-        "any does not, 2 when any cannot be read.")
+        "is needed. The machine formats (json, sarif, junit, ocsf, csv) hold each cluster's "
+        "latest scan in the period, as `scan --format` prints a scan. `felixscan report verify "
+        "FILE.pdf [FILE.pdf ...]` recomputes the integrity hash from the data embedded in each "
+        "PDF report: exit 0 when every one matches, 1 when any does not, 2 when any cannot be "
+        "read.")
     report.add_argument("action", nargs="*", metavar="verify FILE.pdf",
                         help="verify PDF reports instead of rendering one")
-    report.add_argument("--format", choices=("pdf", "html"),
-                        help="pdf or html (default: from the extension of --out: .pdf, .html "
-                        "or .htm; else pdf)")
-    report.add_argument("--out", metavar="FILE", help="where to write the report")
+    report.add_argument("--format", choices=("pdf", "html", *OUTPUT_FORMATS[1:]),
+                        help="pdf, html, or a machine format as `scan --format` writes it: "
+                        "json, sarif, junit, ocsf, csv (default: from the extension of --out: "
+                        ".pdf, .html/.htm, .sarif/.sarif.json, .ocsf.json, .xml (junit), "
+                        ".csv; a plain .json needs --format json, ocsf or sarif; else pdf)")
+    report.add_argument("--out", metavar="FILE", help="where to write the report (a machine "
+                        "--format without --out, or --out -, goes to stdout)")
     report.add_argument("--db", metavar="URL", help="database URL (default: $FELIXSCAN_DB, "
                         "else the config file, else sqlite:///felixscan.db)")
     report.add_argument("--config", metavar="FILE", help="YAML configuration file (for its "
@@ -155,24 +184,23 @@ def _common(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = verbosity(args)
-    logging.basicConfig(level=(logging.ERROR, logging.WARNING, logging.INFO,
-                               logging.DEBUG)[max(0, min(level, 2) + 1)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if level < 3:
-        # SQLAlchemy logs every statement and row below WARNING: only with -vvv.
-        logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
-    if level < 2:
-        # urllib3 warns of each connection it retries ("Retrying (Retry(total=1, ...))"); the
-        # cluster's error says what failed, and where. Only with -vv.
-        logging.getLogger("urllib3").setLevel(logging.ERROR)
+    level, fmt = verbosity(args), log_format(args)
+    # Logs and progress go to stderr, never stdout (--json, reports); JSON logs get no
+    # redrawn line, and -q no progress at all. Both are taken away again at the end.
+    with configured(verbosity=level, fmt=fmt, stream=sys.stderr), progress.session(
+            sys.stderr, title=args.command, enabled=args.command in PROGRESS_COMMANDS
+            and level >= 0, terminal=False if fmt == "json" else None):
+        return _run(args, parser)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         _check_database_url(args)
         handler = getattr(args, "handler", None)
         if handler is not None:
             return int(handler(args))
         if args.command == "scan":
-            return cmd_scan(args)
+            return cmd_scan(args, parser)
         if args.command == "db":
             return cmd_db(args)
         if args.command == "report":
@@ -180,19 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
     except ConfigError as exc:
-        print(f"felixscan: configuration error: {exc}", file=sys.stderr)
+        say(f"felixscan: configuration error: {exc}")
         return EXIT_USAGE
     except StoreError as exc:
-        print(f"felixscan: database error: {exc}", file=sys.stderr)
+        say(f"felixscan: database error: {exc}")
         return EXIT_STORE
     except ReportError as exc:
-        print(f"felixscan: report error: {exc}", file=sys.stderr)
+        say(f"felixscan: report error: {exc}")
         return EXIT_USAGE
     except FelixscanError as exc:
-        print(f"felixscan: {exc}", file=sys.stderr)
+        say(f"felixscan: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("felixscan: interrupted", file=sys.stderr)
+        say("felixscan: interrupted")
         return 130
     except BrokenPipeError:
         # The reader went away (`felixscan trend | head`): not an error of ours. Point stdout
@@ -238,76 +266,43 @@ def check_readable(store: Any) -> None:
         raise
 
 
-def cmd_scan(args: argparse.Namespace) -> int:
+def cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.json and args.output_format not in (None, "json"):
+        parser.error(f"--json is --format json; it cannot go with --format {args.output_format}")
+    fmt = "json" if args.json else args.output_format or "text"
+    to_file = args.output not in (None, "-")
+    if to_file:
+        _check_out(args.output, parser, flag="--output")  # before scanning, not after
     settings = _settings(args).select(args.cluster)
+    from contextlib import nullcontext, redirect_stdout
+
+    from scanner.outputs import render_scan, scan_text, write_output
     from scanner.scan import run_scan
     from scanner.store import Store
 
-    with Store(settings.database) as store:
+    # A machine format on stdout is all of stdout: anything printed on the way goes to stderr.
+    guard = redirect_stdout(sys.stderr) if fmt != "text" and not to_file else nullcontext()
+    with guard, Store(settings.database) as store:
         outcome = run_scan(settings, store=store, trigger="cli", lock_wait=LOCK_WAIT_SECONDS)
-    if args.json:
-        doc = {"scan_id": outcome.scan_id, "started_at": outcome.started_at.isoformat(),
-               "finished_at": outcome.finished_at.isoformat(),
-               "clusters": [cluster_json(c) for c in outcome.clusters]}
-        json.dump(doc, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    body = render_scan(fmt, scan_id=outcome.scan_id, started_at=outcome.started_at,
+                       finished_at=outcome.finished_at, clusters=outcome.clusters)
+    code = outcome.exit_code
+    if not to_file:
+        sys.stdout.write(body)
     else:
-        for c in outcome.clusters:
-            print(summary_line(c))
+        try:
+            size = write_output(args.output, body)
+        except OSError as exc:
+            print(f"felixscan: cannot write --output {args.output}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            size, code = -1, max(code, EXIT_USAGE)  # the database's 4 still wins
+        if fmt != "text":
+            sys.stdout.write(scan_text(outcome.clusters))
+        if size >= 0:
+            print(f"wrote {args.output} ({fmt}, {size} bytes)")
     for cluster, reason in outcome.store_errors:
-        print(f"felixscan: {cluster}: result NOT stored: {reason}", file=sys.stderr)
-    return outcome.exit_code
-
-
-def cluster_json(c: ClusterResult) -> dict[str, Any]:
-    declared = c.declared
-    return {
-        "name": c.cluster,
-        "status": c.status,
-        "install": c.install,
-        "declared": {"enabled": declared.enabled, "source": declared.source,
-                     "port": declared.port, "host": declared.host}
-        if declared else {"enabled": None, "source": None, "port": None, "host": None},
-        "declared_detail": {"loopback_only": declared.loopback_only,
-                            "random_port": declared.random_port, "tls": declared.tls,
-                            "client_auth": declared.client_auth,
-                            "felix_version": declared.felix_version,
-                            "reason": declared.reason} if declared else None,
-        "nodes": [{"name": n.node, "address": n.address, "port": n.port,
-                   "state": n.probe.state, "protocol": n.probe.protocol, "felix": n.probe.felix,
-                   "verdict": n.verdict, "declared_enabled": n.declared.enabled,
-                   "declared_source": n.declared.source, "declared_host": n.declared.host,
-                   "declared_reason": n.declared.reason, "pod": n.declared.pod,
-                   "pod_current": n.pod_current, "error": n.probe.error,
-                   "addresses": [{"address": p.address, "state": p.state,
-                                  "protocol": p.protocol, "felix": p.felix}
-                                 for p in n.probes]} for n in c.nodes],
-        "findings": [{"id": f.id, "severity": f.severity, "node": f.node, "message": f.message}
-                     for f in c.findings],
-        "error": c.error,
-        "timings": {k: round(v, 3) for k, v in c.timings.items()},
-    }
-
-
-def summary_line(c: ClusterResult) -> str:
-    counts = {v: sum(1 for n in c.nodes if n.verdict == v) for v in ("pass", "fail", "unknown")}
-    head = f"{c.cluster}: {c.status.upper().replace('_', '-')}"
-    if c.status == "error" and not c.nodes:
-        return f"{head} ({c.error})"
-    declared = c.declared
-    state = ("unknown" if declared is None or declared.enabled is None
-             else "enabled" if declared.enabled else "disabled")
-    source = f" by {declared.source}" if declared else ""
-    line = (f"{head} [{c.install}] metrics {state}{source}; nodes: {len(c.nodes)} "
-            f"({counts['pass']} pass, {counts['fail']} fail, {counts['unknown']} unknown)")
-    worst = [f for f in c.findings if f.severity in ("critical", "high")][:3]
-    for f in worst:
-        line += f"\n  {f.severity.upper()} {f.id}{' ' + f.node if f.node else ''}: {f.message}"
-    if len([f for f in c.findings if f.severity in ("critical", "high")]) > 3:
-        line += "\n  ... (--json for every finding)"
-    if c.error:
-        line += f"\n  {c.error}"
-    return line
+        say(f"felixscan: {cluster}: result NOT stored: {reason}")
+    return code
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -335,14 +330,19 @@ def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             parser.error("report takes no positional arguments except "
                          "`verify FILE.pdf [FILE.pdf ...]`")
         return _verify(args.action[1:])
-    if not args.out:
-        parser.error("report needs --out FILE (or `report verify FILE.pdf`)")
+    to_stdout = args.out in (None, "-")
+    if to_stdout and args.format in (None, "pdf", "html"):
+        parser.error("report needs --out FILE (or a machine --format for stdout, or "
+                     "`report verify FILE.pdf`)")
     fmt = _report_format(args, parser)
+    if to_stdout:
+        return _report_to_stdout(args, fmt)
     _check_out(args.out, parser)
     import reports
     from scanner.store import Store
 
-    with Store(database_url(args)) as store:
+    with Store(database_url(args)) as store, progress.current().step(
+            f"report: rendering {args.out} ({fmt})"):
         check_readable(store)
         info = reports.build_report(store, clusters=args.cluster, since=args.since,
                                     until=args.until, fmt=fmt, out=args.out,
@@ -357,6 +357,22 @@ def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
           f"{len(info.scan_ids)} scan(s); data SHA-256 {info.sha256}")
     for name in info.not_scanned:
         print(f"  note: {name} has no scan in the period")
+    return EXIT_OK
+
+
+def _report_to_stdout(args: argparse.Namespace, fmt: str) -> int:
+    """A machine-format report on stdout, nothing else there; not recorded as a stored report
+    (there is no file to point at), so it keeps no scan from pruning."""
+    from reports.build import render_report
+    from scanner.store import Store
+
+    with Store(database_url(args)) as store:
+        check_readable(store)
+        rendered = render_report(store, clusters=args.cluster, since=args.since,
+                                 until=args.until, fmt=fmt, pdf_variant=args.pdf_variant)
+    sys.stdout.write(rendered.body.decode("utf-8"))
+    for name in rendered.not_scanned:
+        print(f"  note: {name} has no scan in the period", file=sys.stderr)
     return EXIT_OK
 
 
@@ -383,29 +399,42 @@ def _verify(paths: Sequence[str]) -> int:
 
 
 def _report_format(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    """--format, else the one the extension of --out names, else pdf; never a contradiction."""
-    implied = REPORT_FORMATS.get(Path(args.out).suffix.lower())
+    """--format, else the one the extension of --out names, else pdf; never a contradiction.
+
+    A plain .json file may hold json, ocsf or sarif: --format must say which."""
+    out = "" if args.out in (None, "-") else str(args.out)
+    name = Path(out).name.lower()
+    suffix = next((s for s in sorted(REPORT_FORMATS, key=len, reverse=True)
+                   if name.endswith(s)), ".json" if name.endswith(".json") else None)
+    if suffix == ".json":
+        if args.format is None:
+            parser.error(f"--out {out}: a .json file can hold json, ocsf or sarif: add "
+                         "--format json, --format ocsf or --format sarif")
+        if args.format not in JSON_FORMATS:
+            parser.error(f"--format {args.format} does not match --out {out} (a .json file "
+                         f"is {', '.join(JSON_FORMATS)}); drop --format or change the file name")
+        return str(args.format)
+    implied = REPORT_FORMATS.get(suffix or "")
     if args.format is None:
         return implied or "pdf"
     if implied is not None and implied != args.format:
-        parser.error(f"--format {args.format} does not match --out {args.out} (a "
-                     f"{Path(args.out).suffix} file is {implied}); drop --format or change "
-                     "the file name")
+        parser.error(f"--format {args.format} does not match --out {out} (a "
+                     f"{suffix} file is {implied}); drop --format or change the file name")
     return str(args.format)
 
 
-def _check_out(out: str, parser: argparse.ArgumentParser) -> None:
+def _check_out(out: str, parser: argparse.ArgumentParser, *, flag: str = "--out") -> None:
     """Before any rendering: --out must be a file that can be created where it is named."""
     path = Path(out)
     parent = path.parent
     if path.is_dir():
-        parser.error(f"--out {out} is a directory; name a file in it")
+        parser.error(f"{flag} {out} is a directory; name a file in it")
     if not parent.exists():
-        parser.error(f"--out {out}: the directory {parent} does not exist")
+        parser.error(f"{flag} {out}: the directory {parent} does not exist")
     if not parent.is_dir():
-        parser.error(f"--out {out}: {parent} is not a directory")
+        parser.error(f"{flag} {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        parser.error(f"--out {out}: the directory {parent} is not writable")
+        parser.error(f"{flag} {out}: the directory {parent} is not writable")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from scanner import progress
 from scanner.config import ClusterSettings, ProbeConfig, Settings
 from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico_cluster
 from scanner.emulator.apiserver import write_kubeconfig
@@ -187,16 +188,19 @@ def run_demo(out_dir: Path, *, days: int = 7, echo: Callable[[str], None] = prin
                                              {"spec": {"prometheusMetricsEnabled": True}})
                 for node, address in west.addresses.items():
                     fleet.nodes.add(address, "felix-http", node_name=node)
+            progress.current().title(f"night {day + 1}/{days}")
             outcome = run_scan(settings, store=store, trigger="demo", clock=_day_clock(when))
             outcomes.append(outcome)
             statuses = ", ".join(f"{c.cluster} {c.status.upper().replace('_', '-')}"
                                  for c in outcome.clusters)
             echo(f"{when:%Y-%m-%d} scan {outcome.scan_id}: {statuses}")
         # Generated now (the real time), over the replayed nights.
-        html = build_report(store, fmt="html", out=out_dir / "demo-report.html",
-                            since=first.date(), until=today.date())
-        pdf = build_report(store, fmt="pdf", out=out_dir / "demo-report.pdf",
-                           since=first.date(), until=today.date())
+        with progress.current().step("demo: rendering demo-report.html"):
+            html = build_report(store, fmt="html", out=out_dir / "demo-report.html",
+                                since=first.date(), until=today.date())
+        with progress.current().step("demo: rendering demo-report.pdf"):
+            pdf = build_report(store, fmt="pdf", out=out_dir / "demo-report.pdf",
+                               since=first.date(), until=today.date())
         for info in (html, pdf):
             record_report(store, fmt=info.format, sha256=info.sha256, location=str(info.path),
                           clusters=info.clusters, since=info.since, until=info.until,

@@ -109,8 +109,14 @@ def raise_nofile_limit() -> int:
     return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-async def probe_many(targets: Sequence[ProbeTarget], settings: ProbeSettings) -> list[ProbeResult]:
-    """Probe every target with at most `settings.concurrency` in flight; results in target order."""
+async def probe_many(targets: Sequence[ProbeTarget], settings: ProbeSettings, *,
+                     on_result: Callable[[ProbeTarget, ProbeResult], None] | None = None,
+                     ) -> list[ProbeResult]:
+    """Probe every target with at most `settings.concurrency` in flight; results in target order.
+
+    `on_result(target, result)` is called on the event loop as each target is done (progress);
+    it must be quick and must not raise.
+    """
     items = list(targets)
     if not items:
         return []
@@ -124,7 +130,9 @@ async def probe_many(targets: Sequence[ProbeTarget], settings: ProbeSettings) ->
     # a fixed pool of workers is a semaphore without a parked task per waiting target
     async def worker() -> None:
         for i in indexes:
-            results[i] = await prober.probe(items[i])
+            result = results[i] = await prober.probe(items[i])
+            if on_result is not None:
+                on_result(items[i], result)
 
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -145,9 +153,11 @@ async def probe_many(targets: Sequence[ProbeTarget], settings: ProbeSettings) ->
     return done
 
 
-def probe_nodes(targets: Sequence[ProbeTarget], settings: ProbeSettings) -> list[ProbeResult]:
+def probe_nodes(targets: Sequence[ProbeTarget], settings: ProbeSettings, *,
+                on_result: Callable[[ProbeTarget, ProbeResult], None] | None = None,
+                ) -> list[ProbeResult]:
     """Synchronous `probe_many` for callers without an event loop."""
-    return asyncio.run(probe_many(targets, settings))
+    return asyncio.run(probe_many(targets, settings, on_result=on_result))
 
 
 # --- internals ------------------------------------------------------------------------------

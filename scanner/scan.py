@@ -7,17 +7,20 @@ and never stops the others.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from scanner import __version__
+from scanner import __version__, logs, progress
 from scanner.calico import cluster_declared, resolve_nodes
-from scanner.collect import collect
+from scanner.collect import Api, collect, make_api
 from scanner.config import ClusterSettings, Settings
 from scanner.errors import ClusterError, LockLost, StoreError
 from scanner.evaluate import evaluate, failed_cluster, probe_targets
@@ -73,25 +76,74 @@ def probe_settings(cluster: ClusterSettings) -> ProbeSettings:
 def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
                  clock: Clock = utcnow) -> ClusterResult:
     """Collect, probe and evaluate one cluster; never raises for the cluster's own faults."""
+    with logs.context(cluster=cluster.name), \
+            progress.current().cluster(cluster.name) as track:
+        result = _scan_cluster(cluster, collector=collector, clock=clock, track=track)
+        track.scanned(result.status)
+        return result
+
+
+class _Collection:
+    """The collector; the default one gets its API client from here, so that the number of
+    requests it made can be logged (with the deadline `collect` would give itself)."""
+
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+        self.api: Api | None = None
+
+    def __call__(self, cluster: ClusterSettings) -> ClusterSnapshot:
+        if self.collector is not collect:
+            return self.collector(cluster)
+        self.api = make_api(cluster, deadline=time.monotonic() + cluster.deadline_seconds)
+        return collect(cluster, api=self.api)
+
+    @property
+    def requests(self) -> int | None:
+        return self.api.requests if self.api is not None else None
+
+
+def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Clock,
+                  track: progress.ClusterProgress) -> ClusterResult:
     started_at = clock()
     t0 = time.monotonic()
-    try:
-        snapshot = collector(cluster)
-    except ClusterError as exc:
-        log.warning("cluster %s: %s", cluster.name, exc)
-        return failed_cluster(cluster.name, str(exc), kind=type(exc).__name__,
-                              started_at=started_at, finished_at=clock(),
-                              timings={"api": time.monotonic() - t0})
-    t1 = time.monotonic()
+    collection = _Collection(collector)
+    with logs.context(phase="collect"):
+        try:
+            snapshot = collection(cluster)
+        except ClusterError as exc:
+            log.warning("cluster %s: %s", cluster.name, exc, extra=logs.fields(
+                requests=collection.requests, seconds=round(time.monotonic() - t0, 3)))
+            return failed_cluster(cluster.name, str(exc), kind=type(exc).__name__,
+                                  started_at=started_at, finished_at=clock(),
+                                  timings={"api": time.monotonic() - t0})
+        t1 = time.monotonic()
+        requests = collection.requests
+        log.info("collect %s: %s requests, %d nodes, %d pods in %.2f s", cluster.name,
+                 "?" if requests is None else requests, len(snapshot.nodes), len(snapshot.pods),
+                 t1 - t0, extra=logs.fields(requests=requests, nodes=len(snapshot.nodes),
+                                            pods=len(snapshot.pods), seconds=round(t1 - t0, 3)))
     declared = resolve_nodes(snapshot)
     targets = probe_targets(snapshot, declared, address_type=cluster.probe.address_types,
                             extra_ports=cluster.probe.extra_ports)
-    probes = probe_nodes(targets, probe_settings(cluster))
-    t2 = time.monotonic()
-    result = evaluate(snapshot, declared, probes,
-                      cluster_declared=cluster_declared(snapshot, declared),
-                      started_at=started_at, finished_at=clock(),
-                      timings={"api": t1 - t0, "probe": t2 - t1})
+    with logs.context(phase="probe"):
+        track.phase("probe")
+        track.targets(targets)
+        probes = probe_nodes(targets, probe_settings(cluster), on_result=track.probed)
+        t2 = time.monotonic()
+        states = Counter(p.state for p in probes)
+        log.info("probe %s: %d targets (%d open, %d closed, %d filtered, %d unreachable, "
+                 "%d error) in %.2f s", cluster.name, len(targets), states["open"],
+                 states["closed"], states["filtered"], states["unreachable"], states["error"],
+                 t2 - t1, extra=logs.fields(
+                     targets=len(targets), open=states["open"], closed=states["closed"],
+                     filtered=states["filtered"], unreachable=states["unreachable"],
+                     error=states["error"], seconds=round(t2 - t1, 3)))
+    track.phase("evaluate")
+    with logs.context(phase="evaluate"):
+        result = evaluate(snapshot, declared, probes,
+                          cluster_declared=cluster_declared(snapshot, declared),
+                          started_at=started_at, finished_at=clock(),
+                          timings={"api": t1 - t0, "probe": t2 - t1})
     p = cluster.probe
     return replace(result, method={
         "address_type": p.address_type, "address_types": list(p.address_types),
@@ -127,6 +179,8 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
         log.error("runs of processes that are gone could not be marked aborted: %s", exc)
     started_at = clock()
     run_id = store.begin_run(trigger=trigger, started_at=started_at)
+    shown = progress.current()
+    scope = ExitStack()  # the run's log fields and progress, until the run is closed
     results: dict[int, ClusterResult] = {}
     stored: dict[int, str] = {}
     store_errors: dict[int, tuple[str, str]] = {}
@@ -136,6 +190,8 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
     alive: HeldLock | None = None
     futures: dict[Future[tuple[ClusterResult, HeldLock | None]], int] = {}
     try:
+        scope.enter_context(logs.context(scan_id=run_id))
+        scope.enter_context(shown.run(run_id, [c.name for c in settings.clusters]))
         alive = locks.try_acquire(run_lock_name(run_id))
         if alive is None:  # a row left by a dead run with this id (ids can be reused)
             log.warning("scan run %d: its own lock is taken; it cannot be told apart from a "
@@ -144,7 +200,10 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster") as pool:
             scan = _unlocked_scan if lock_wait is None else functools.partial(
                 _locked_scan, locks=locks, wait=lock_wait)
-            futures = {pool.submit(scan, c, collector=collector, clock=clock): i
+            # Each cluster's thread gets a copy of this context: its log lines carry the
+            # run's id, and its progress is shown with the run's.
+            futures = {pool.submit(contextvars.copy_context().run, scan, c,
+                                   collector=collector, clock=clock): i
                        for i, c in enumerate(settings.clusters)}
             # Each result is stored as soon as it is ready, and only then is the cluster's
             # lock released: the next scan of that cluster (another process's) is stored
@@ -153,21 +212,29 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
                 i = futures[future]
                 result, taken = future.result()
                 fence = taken or (held or {}).get(result.cluster)
+                shown.phase(result.cluster, "store")
                 t = time.monotonic()
-                try:
-                    store.save_cluster(run_id, result, lock=fence)
-                except LockLost as exc:
-                    log.error("cluster %s: result not stored: %s", result.cluster, exc)
-                    store_errors[i] = (result.cluster, str(exc))
-                    lost[i] = result.cluster
-                except StoreError as exc:
-                    log.error("cluster %s: result not stored: %s", result.cluster, exc)
-                    store_errors[i] = (result.cluster, str(exc))
-                else:
-                    stored[i] = result.cluster
-                finally:
-                    if taken is not None:
-                        taken.release()
+                with logs.context(cluster=result.cluster, phase="store"):
+                    try:
+                        store.save_cluster(run_id, result, lock=fence)
+                    except LockLost as exc:
+                        log.error("cluster %s: result not stored: %s", result.cluster, exc)
+                        store_errors[i] = (result.cluster, str(exc))
+                        lost[i] = result.cluster
+                    except StoreError as exc:
+                        log.error("cluster %s: result not stored: %s", result.cluster, exc)
+                        store_errors[i] = (result.cluster, str(exc))
+                    else:
+                        stored[i] = result.cluster
+                        rows = 1 + len(result.nodes) + len(result.findings)
+                        log.info("store %s: %d rows in %.3f s", result.cluster, rows,
+                                 time.monotonic() - t, extra=logs.fields(
+                                     rows=rows, seconds=round(time.monotonic() - t, 3)))
+                    finally:
+                        if taken is not None:
+                            taken.release()
+                    shown.finished(result.cluster, result.status if i in stored
+                                   else "not stored")
                 timings = {**result.timings, "store": time.monotonic() - t}
                 results[i] = _with_timings(result, timings)
         if lost:
@@ -184,6 +251,7 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
             log.error("scan run %s could not be closed: %s", run_id, exc)
         if alive is not None:  # after the run is closed: until then it is still going
             alive.release()
+        scope.close()
     return ScanOutcome(scan_id=run_id, started_at=started_at, finished_at=finished_at,
                        clusters=tuple(results[i] for i in sorted(results)),
                        stored=tuple(stored[i] for i in sorted(stored)),
@@ -205,7 +273,9 @@ def _locked_scan(cluster: ClusterSettings, *, collector: Collector, clock: Clock
     deadline = time.monotonic() + wait
     while True:
         held = locks.try_acquire(name)
-        if held is not None:
+        if held is None:
+            progress.current().phase(cluster.name, "lock")
+        else:
             try:
                 return scan_cluster(cluster, collector=collector, clock=clock), held
             except BaseException:

@@ -690,21 +690,28 @@ def test_apply_is_refused_while_another_holds_the_cluster_lock(harness: Harness,
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_in_logs() -> None:
+    """The rollout is shown on the command's progress line (scanner.progress, like the scans
+    before and after it): a bar redrawn in place on a terminal and taken off when it ends;
+    without a terminal, one `scanner.progress` log line per change."""
+    from scanner import progress
     from scanner.commands.remediate import _ProgressView
+    from scanner.logs import configured
     from scanner.remediate import RolloutProgress
 
     step = RolloutProgress(generation=3, observed_generation=3, target_generation=3, desired=4,
                            updated=2, available=3, elapsed=5.0, timeout=60.0)
     tty = _Terminal()
-    view = _ProgressView(tty)
-    view(step)
-    view.end()
-    assert tty.getvalue().startswith("\r[" + "#" * 15 + "-" * 15 + "] rollout: 2/4 updated")
-    assert tty.getvalue().endswith("\n")
+    with configured(stream=tty), progress.session(tty, title="remediate", terminal=True):
+        view = _ProgressView()
+        view(step)
+        view.end()
+    assert tty.getvalue().startswith("\r| [" + "#" * 10 + "-" * 10 + "] rollout: 2/4 updated")
+    assert tty.getvalue().endswith("\r\x1b[K")  # taken off the screen
     log = io.StringIO()
-    _ProgressView(log)(step)
-    assert log.getvalue() == ("rollout: 2/4 updated, 3/4 available, generation 3/3 observed "
-                              "(5s of 60s)\n")
+    with configured(stream=log), progress.session(log, title="remediate"):
+        _ProgressView()(step)
+    assert log.getvalue().endswith(" INFO scanner.progress: rollout: 2/4 updated, 3/4 "
+                                   "available, generation 3/3 observed (5s of 60s)\n")
 
 
 # --- a rollout that stalls --------------------------------------------------------------------

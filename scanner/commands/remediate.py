@@ -16,7 +16,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, TextIO
 
+from scanner import progress
 from scanner.errors import ConfigError, RemediationRefused
+from scanner.progress import Task
 
 if TYPE_CHECKING:  # scanner.remediate loads the kubernetes client: only when remediating
     from scanner.remediate import Plan, RemediationResult, RolloutProgress
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, db_url=args.db)
     options = RemediateOptions(rollout_timeout=args.rollout_timeout,
                                max_not_ready_pct=args.max_not_ready)
-    view = _ProgressView(sys.stderr)
+    view = _ProgressView()
     confirm = None if args.yes else _ask
     with Store(settings.database) as store:
         store.ensure_schema()
@@ -228,12 +230,11 @@ def _print_result(result: RemediationResult, *, apply: bool) -> None:
 
 
 class _ProgressView:
-    """A progress bar on a terminal; plain lines (one per change) in logs."""
+    """The rollout on the command's progress line (a bar on a terminal, like the scans before
+    and after it); without a terminal, one `scanner.progress` log line per change."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.drawn = False
+    def __init__(self) -> None:
+        self.task: Task | None = None
 
     def __call__(self, p: RolloutProgress) -> None:
         if p.target_generation is None:
@@ -243,18 +244,13 @@ class _ProgressView:
             text = (f"rollout: {p.updated}/{p.desired} updated, {p.available}/{p.desired} "
                     f"available, generation {p.observed_generation}/{p.target_generation} "
                     f"observed ({p.elapsed:.0f}s of {p.timeout:.0f}s)")
-        if not self.tty:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            return
-        width = 30
-        done = round(width * p.updated / p.desired) if p.desired else 0
-        self.stream.write(f"\r[{'#' * done}{'-' * (width - done)}] {text}\x1b[K")
-        self.stream.flush()
-        self.drawn = True
+        fraction = p.updated / p.desired if p.desired else 0.0
+        if self.task is None:
+            self.task = progress.current().task(text, fraction=fraction, log_updates=True)
+        else:
+            self.task.update(text, fraction)
 
     def end(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
+        if self.task is not None:
+            self.task.close()
+            self.task = None
