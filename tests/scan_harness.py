@@ -26,6 +26,7 @@ from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico
 from scanner.emulator.apiserver import write_kubeconfig
 from scanner.emulator.nodes import NodeFleet, address_for
 
+ROOT = Path(__file__).resolve().parent.parent
 CALICO = Path(__file__).resolve().parent / "fixtures" / "calico"
 CALICO_VERSIONS = sorted(p.name.split("-", 1)[0] for p in CALICO.glob("*-calico-daemonset-*.yaml"))
 # Fresh addresses: no reuse across tests, and a range of its own for each pytest process, so
@@ -57,6 +58,40 @@ class Node:
 
 
 @dataclass
+class Run:
+    """What one `felixscan` invocation did."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def felixscan(*args: str, cwd: Path | None = None) -> Run:
+    """The real CLI in this process (optionally from another working directory)."""
+    out, err = io.StringIO(), io.StringIO()
+    before = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's usage errors, as the console script exits
+                code = int(exc.code or 0)
+    finally:
+        os.chdir(before)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def felixscan_process(*args: str, cwd: Path | None = None, timeout: float = 120) -> Run:
+    """`python -m scanner ...` as a child process: its own logging set-up, its own stderr."""
+    proc = subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@dataclass
 class Outcome:
     code: int
     doc: dict[str, Any]
@@ -79,6 +114,9 @@ class Harness:
         self.probe: dict[str, Any] = {"timeout_seconds": 0.5, "tls_timeout_seconds": 2,
                                       "http_timeout_seconds": 3}
         self.cluster_options: dict[str, dict[str, Any]] = {}
+        # Kubeconfig entries replaced per context (token, CA, exec plugin, server keys).
+        self.users: dict[str, dict[str, Any]] = {}  # context -> the whole `user` entry
+        self.servers: dict[str, dict[str, Any]] = {}  # context -> keys merged into `cluster`
 
     def close(self) -> None:
         self.stack.close()
@@ -119,13 +157,19 @@ class Harness:
     def config(self, *, database: str | None = None) -> Path:
         kubeconfig = self.tmp / "kubeconfig"
         write_kubeconfig(kubeconfig, dict(self.emulators))
-        if self.extra_contexts:
+        if self.extra_contexts or self.users or self.servers:
             doc = yaml.safe_load(kubeconfig.read_text())
             for ctx, url in self.extra_contexts.items():
                 doc["clusters"].append({"name": ctx, "cluster": {
                     "server": url, "insecure-skip-tls-verify": True}})
                 doc["users"].append({"name": ctx, "user": {"token": "dead-cluster-token"}})
                 doc["contexts"].append({"name": ctx, "context": {"cluster": ctx, "user": ctx}})
+            for user in doc["users"]:
+                context = user["name"].removesuffix("-user")
+                if context in self.users:
+                    user["user"] = self.users[context]
+            for cluster in doc["clusters"]:
+                cluster["cluster"].update(self.servers.get(cluster["name"], {}))
             kubeconfig.write_text(yaml.safe_dump(doc))
         clusters = []
         for name in [*self.emulators, *self.extra_contexts]:

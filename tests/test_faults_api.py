@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import scan_harness
-import yaml
 from scan_harness import Harness, Outcome
 from sqlalchemy import create_engine, func, select
 
@@ -34,25 +33,7 @@ EXEC_API = "client.authentication.k8s.io/v1beta1"
 
 
 class FaultHarness(Harness):
-    """A Harness whose kubeconfig entries can be replaced per context (token, CA, exec)."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        super().__init__(tmp_path)
-        self.users: dict[str, dict[str, Any]] = {}  # context -> the whole `user` entry
-        self.servers: dict[str, dict[str, Any]] = {}  # context -> keys merged into `cluster`
-
-    def config(self, *, database: str | None = None) -> Path:
-        path = super().config(database=database)
-        kubeconfig = self.tmp / "kubeconfig"
-        doc = yaml.safe_load(kubeconfig.read_text())
-        for entry in doc["users"]:
-            context = entry["name"].removesuffix("-user")
-            if context in self.users:
-                entry["user"] = self.users[context]
-        for entry in doc["clusters"]:
-            entry["cluster"].update(self.servers.get(entry["name"], {}))
-        kubeconfig.write_text(yaml.safe_dump(doc))
-        return path
+    """A Harness with a healthy control cluster and request listings."""
 
     def healthy(self) -> None:
         self.cluster("healthy", ["closed", "closed"])

@@ -10,27 +10,20 @@ after the subcommand, YAML line numbers, exit codes in `scan --help`).
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import scan_harness
 import urllib3
-import yaml
-from scan_harness import Harness
+from scan_harness import Harness, Run, felixscan, felixscan_process
 
-from scanner.cli import main
 from scanner.config import ClusterSettings
 from scanner.emulator import KubeEmulator
 from scanner.emulator.nodes import address_for
@@ -52,38 +45,6 @@ def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
     counter = itertools.count((os.getpid() % 64) * 1016)
     monkeypatch.setattr(scan_harness, "next_address",
                         lambda: address_for(next(counter), base="127.36.0.0"))
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def felixscan(*args: str, cwd: Path | None = None) -> Run:
-    """The real CLI in this process (optionally from another working directory)."""
-    out, err = io.StringIO(), io.StringIO()
-    before = Path.cwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exc:  # argparse's usage errors, as the console script exits
-                code = int(exc.code or 0)
-    finally:
-        os.chdir(before)
-    return Run(code, out.getvalue(), err.getvalue())
-
-
-def felixscan_process(*args: str, cwd: Path | None = None, timeout: float = 120) -> Run:
-    """`python -m scanner ...` as a child process: its own logging set-up, its own stderr."""
-    proc = subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
 def remediate_cli(h: Harness, db: str, *args: str) -> Run:
@@ -270,34 +231,6 @@ def test_emulator_refuses_a_patch_whose_uid_differs_as_the_apiserver_does(
 # --- 2. an exec credential plugin that hangs ----------------------------------------------------
 
 
-class UsersHarness(Harness):
-    """A Harness whose kubeconfig user entries can be replaced per context."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        super().__init__(tmp_path)
-        self.users: dict[str, dict[str, Any]] = {}
-
-    def config(self, *, database: str | None = None) -> Path:
-        path = super().config(database=database)
-        kubeconfig = self.tmp / "kubeconfig"
-        doc = yaml.safe_load(kubeconfig.read_text())
-        for entry in doc["users"]:
-            context = entry["name"].removesuffix("-user")
-            if context in self.users:
-                entry["user"] = self.users[context]
-        kubeconfig.write_text(yaml.safe_dump(doc))
-        return path
-
-
-@pytest.fixture
-def uh(tmp_path: Path) -> Iterator[UsersHarness]:
-    h = UsersHarness(tmp_path)
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -307,21 +240,21 @@ def _running(pid: int) -> bool:
 
 
 def test_exec_credential_plugin_that_hangs_is_stopped_at_the_deadline(
-        uh: UsersHarness, sqlite_url: str, tmp_path: Path) -> None:
+        harness: Harness, sqlite_url: str, tmp_path: Path) -> None:
     """The kubernetes client runs an exec plugin without any time limit: one that hangs held
     its cluster's scan (and the whole run) for as long as it hung. Now it gets what is left of
     the cluster's deadline; then it is stopped with every process it started, the cluster is
     stored as an error naming the plugin and the limit, and the other clusters go on."""
-    uh.cluster("healthy", ["closed", "closed"])
-    uh.cluster("hang", ["closed"], options={"deadline_seconds": 3})
+    harness.cluster("healthy", ["closed", "closed"])
+    harness.cluster("hang", ["closed"], options={"deadline_seconds": 3})
     pids = tmp_path / "plugin.pids"
     plugin = tmp_path / "hang-plugin"
     plugin.write_text(f"#!/bin/sh\necho $$ >> {pids}\nsleep 30 &\necho $! >> {pids}\nwait\n")
     plugin.chmod(0o755)
-    uh.users["hang"] = {"exec": {"apiVersion": EXEC_API, "command": str(plugin)}}
+    harness.users["hang"] = {"exec": {"apiVersion": EXEC_API, "command": str(plugin)}}
 
     started = time.monotonic()
-    out = uh.scan(sqlite_url)
+    out = harness.scan(sqlite_url)
     elapsed = time.monotonic() - started
 
     assert elapsed < 15, f"the scan waited {elapsed:.0f} s for the plugin"
@@ -332,7 +265,7 @@ def test_exec_credential_plugin_that_hangs_is_stopped_at_the_deadline(
                      r"plugin \S+/hang-plugin gave no answer within [23]\.\d s \(what was left "
                      r"of the cluster's deadline\); it was stopped, with the processes it "
                      r"started$", error), error
-    assert uh.emulators["hang"].requests == []  # nothing sent without credentials
+    assert harness.emulators["hang"].requests == []  # nothing sent without credentials
     deadline = time.monotonic() + 3
     while any(_running(int(p)) for p in pids.read_text().split()) and \
             time.monotonic() < deadline:
@@ -366,23 +299,23 @@ def _b64(text: str) -> str:
 
 
 def test_credentials_for_a_plain_http_api_server_are_warned_about_once(
-        uh: UsersHarness, sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+        harness: Harness, sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """A bearer token sent to an http:// API server travels in clear text; a client key given
     for one is never presented. Each gets one warning per cluster (not one per request, nor
     per scan of a long-running process), and the token itself is never shown."""
-    uh.cluster("plain", ["closed"], tls=False)
-    uh.cluster("plainkey", ["closed"], tls=False)
-    uh.cluster("tls", ["closed"])
-    uh.users["plainkey"] = {"token": "emulator-token",
+    harness.cluster("plain", ["closed"], tls=False)
+    harness.cluster("plainkey", ["closed"], tls=False)
+    harness.cluster("tls", ["closed"])
+    harness.users["plainkey"] = {"token": "emulator-token",
                             "client-certificate-data": _b64("not a certificate\n"),
                             "client-key-data": _b64("not a key\n")}
-    config = str(uh.config())
+    config = str(harness.config())
     caplog.set_level("WARNING")
     for _ in range(2):
         out = felixscan("scan", "--config", config, "--db", sqlite_url)
         assert out.code == 0, out.stdout + out.stderr
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    plain = uh.emulators["plain"].url
+    plain = harness.emulators["plain"].url
     assert [w for w in warnings if "cluster plain:" in w] == [
         f"cluster plain: the kubeconfig sends a bearer token to {plain} over plain HTTP, in "
         "clear text: anyone on the path can read and reuse it; use the server's https:// "

@@ -20,46 +20,20 @@ import sys
 import termios
 import threading
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from scan_harness import Harness, Node
+from scan_harness import Harness, Node, felixscan, felixscan_process
 
 from scanner import logs, progress
-from scanner.cli import build_parser, log_format, main
+from scanner.cli import build_parser, log_format
 from scanner.commands.completion import script
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARIES = ("kubernetes", "urllib3", "asyncio", "alembic", "sqlalchemy")
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def felixscan(*args: str) -> Run:
-    """The real CLI in this process; stderr is not a terminal."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return Run(code, out.getvalue(), err.getvalue())
-
-
-def felixscan_process(*args: str, timeout: float = 120) -> Run:
-    proc = subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
 def scan_args(h: Harness, db: str, *extra: str) -> list[str]:

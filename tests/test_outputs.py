@@ -25,7 +25,6 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,9 +34,8 @@ import jsonschema
 import pytest
 from junitparser import Error, Failure, JUnitXml, Skipped
 from py_ocsf_models.events.findings.compliance_finding import ComplianceFinding
-from scan_harness import Harness, Node
+from scan_harness import Harness, Node, Run, felixscan
 
-from scanner.cli import main
 from scanner.findings import RULES
 from scanner.outputs import (
     CSV_COLUMNS,
@@ -64,24 +62,6 @@ OLD_NODE_KEYS = {"name", "address", "port", "state", "protocol", "felix", "verdi
                  "declared_enabled", "declared_source", "declared_host", "declared_reason",
                  "pod", "pod_current", "error", "addresses"}
 OLD_FINDING_KEYS = {"id", "severity", "node", "message"}
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def felixscan(*args: str) -> Run:
-    """The real CLI in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse's usage errors, as the console script exits
-            code = int(exc.code or 0)
-    return Run(code, out.getvalue(), err.getvalue())
 
 
 @dataclass
