@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from scanner.db import Base, normalise_url
+from scanner.db.models import Base, normalise_url
 
 config = context.config
 target_metadata = Base.metadata

@@ -2,7 +2,7 @@
 
 The one entry point the CLI, the web page and the demo call for a report (`render_report`
 when the bytes go elsewhere than a file, e.g. stdout). The machine formats (json, sarif,
-junit, ocsf, csv) are encoded by `scanner.outputs` from the same report data.
+junit, ocsf, csv) are encoded by `reports.outputs` from the same report data.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Literal
 
 from reports.integrity import canonical_json, report_hash
 from reports.render import check_pdf_variant, render_html, render_pdf
-from scanner.errors import ReportError
-from scanner.history import ReportData, load_report
-from scanner.store import Store
+from scanner.core.errors import ReportError
+from scanner.db.queries.history import ReportData, load_report
+from scanner.db.store import Store
 
 Format = Literal["html", "pdf", "json", "sarif", "junit", "ocsf", "csv"]
 FORMATS: tuple[Format, ...] = ("pdf", "html", "json", "sarif", "junit", "ocsf", "csv")
@@ -94,7 +94,7 @@ def render_report(store: Store, *, clusters: Sequence[str] = (), since: date | N
     timings["hash"] = time.perf_counter() - t
 
     if fmt not in ("html", "pdf"):
-        from scanner.outputs import encode, report_document
+        from reports.outputs import encode, report_document
 
         t = time.perf_counter()
         body = encode(report_document(data, sha256=digest), fmt).encode("utf-8")

@@ -11,7 +11,7 @@ from datetime import date, timedelta
 
 from markupsafe import Markup, escape
 
-from scanner.history import DayPoint
+from scanner.db.queries.history import DayPoint
 
 WIDTH, HEIGHT = 700, 230
 LEFT, RIGHT, TOP, BOTTOM = 46, 50, 12, 46

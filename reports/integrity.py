@@ -18,7 +18,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from scanner.errors import ReportError
+from scanner.core.errors import ReportError
 
 ATTACHMENT_NAME = "felixscan-report-data.json"
 HASH_PREFIX = "sha256:"

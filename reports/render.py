@@ -1,6 +1,6 @@
 """HTML and PDF rendering of a report: one set of Jinja2 templates, two outputs.
 
-`render_html` turns `scanner.history.ReportData` into one self-contained HTML page (inline CSS
+`render_html` turns `ReportData` (scanner.db.queries.history) into one self-contained HTML page (inline CSS
 and SVG, no JavaScript, nothing fetched); `render_pdf` lays that same HTML out with WeasyPrint
 and embeds the report data. With `reports/` as a whole, the only code importing Jinja2 or
 WeasyPrint.
@@ -24,9 +24,9 @@ from markupsafe import Markup, escape
 
 from reports.charts import trend_chart
 from reports.integrity import ATTACHMENT_NAME, HASH_PREFIX, report_hash
-from scanner.errors import ReportError
-from scanner.findings import RULES
-from scanner.history import (
+from scanner.core.errors import ReportError
+from scanner.core.findings import RULES
+from scanner.db.queries.history import (
     SEVERITY_ORDER,
     ClusterReport,
     DayPoint,

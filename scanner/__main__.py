@@ -1,5 +1,5 @@
 """`python -m scanner` runs the felixscan command line."""
 
-from scanner.cli import main
+from scanner.app.cli import main
 
 raise SystemExit(main())

@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from scanner import __version__
-from scanner.records import ProbeResult, ProbeState, ProbeTarget, Protocol, TlsFacts
+from scanner.core.records import ProbeResult, ProbeState, ProbeTarget, Protocol, TlsFacts
 
 __all__ = ["ProbeSettings", "probe_many", "probe_nodes", "raise_nofile_limit"]
 

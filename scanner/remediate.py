@@ -4,7 +4,7 @@ scan -> plan (Felix's precedence decides which object and which exact patch) -> 
 server-side dry run -> [apply: patch with a resourceVersion precondition, follow the rollout,
 verification scan] -> one `remediation_actions` row. `remediate()` and `rollback()` are the
 library entry points of the CLI and of `serve`; they never print. Kubernetes writes go through
-`scanner.kube_write`; docs/remediation.md explains the choices and lists the RBAC it needs.
+`scanner.kube.write`; docs/remediation.md explains the choices and lists the RBAC it needs.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from scanner.calico import ENABLED, PORT, felix_param, resolve, resolve_nodes
-from scanner.collect import collect
-from scanner.config import ClusterSettings, MaintenanceWindow, Settings
-from scanner.db import RemediationAction
-from scanner.errors import ApiUnreachable, ClusterError, RemediationError, RemediationRefused
-from scanner.kube_write import KubeWriter, ObjectRef, PatchType
-from scanner.locks import HeldLock
-from scanner.records import ClusterResult, ClusterSnapshot, Declared, EnvVar, Install
+from scanner.core.calico import ENABLED, PORT, felix_param, resolve, resolve_nodes
+from scanner.core.config import ClusterSettings, MaintenanceWindow, Settings
+from scanner.core.errors import ApiUnreachable, ClusterError, RemediationError, RemediationRefused
+from scanner.core.records import ClusterResult, ClusterSnapshot, Declared, EnvVar, Install
+from scanner.db.locks import HeldLock
+from scanner.db.models import RemediationAction
+from scanner.db.store import Store
+from scanner.kube.read import collect
+from scanner.kube.write import KubeWriter, ObjectRef, PatchType
 from scanner.scan import run_scan, scan_cluster
-from scanner.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def remediate(settings: Settings, cluster: str, *, store: Store, apply: bool, tr
     maintenance window is checked against (default: the clock). `on_plan(plan)` is called once
     the plan is made, before any guard is enforced (the CLI prints it there); `progress` gets
     the rollout's counts as they change. Callers that may run concurrently hold the cluster's
-    database lock (`scanner.locks.cluster_lock_name`) around this call and pass it as `lock`:
+    database lock (`scanner.db.locks.cluster_lock_name`) around this call and pass it as `lock`:
     it takes none itself, makes no change once the lock is lost, and stores its verification
     scan only while the lock is held.
     """

@@ -18,17 +18,18 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from scanner import __version__, logs, progress
-from scanner.calico import cluster_declared, resolve_nodes
-from scanner.collect import Api, collect, make_api
-from scanner.config import ClusterSettings, Settings
-from scanner.errors import ClusterError, LockLost, StoreError
-from scanner.evaluate import evaluate, failed_cluster, probe_targets
-from scanner.locks import DatabaseLock, HeldLock, cluster_lock_name, run_lock_name
+from scanner import __version__
+from scanner.core.calico import cluster_declared, resolve_nodes
+from scanner.core.config import ClusterSettings, Settings
+from scanner.core.errors import ClusterError, LockLost, StoreError
+from scanner.core.evaluate import evaluate, failed_cluster, probe_targets
+from scanner.core.records import ClusterResult, ClusterSnapshot
+from scanner.db.locks import DatabaseLock, HeldLock, cluster_lock_name, run_lock_name
+from scanner.db.runs import reconcile_runs
+from scanner.db.store import Store
+from scanner.kube.read import Api, collect, make_api
 from scanner.probe import ProbeSettings, probe_nodes
-from scanner.records import ClusterResult, ClusterSnapshot
-from scanner.runs import reconcile_runs
-from scanner.store import Store
+from scanner.telemetry import logs, progress
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from scanner.cli import main
+from scanner.app.cli import main
 from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico_cluster
 from scanner.emulator.apiserver import write_kubeconfig
 from scanner.emulator.nodes import NodeFleet, address_for

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from scanner.calico import (
+from scanner.core.calico import (
     cluster_declared,
     felix_param,
     parse_bool,
@@ -15,7 +15,7 @@ from scanner.calico import (
     resolve,
     resolve_nodes,
 )
-from scanner.records import (
+from scanner.core.records import (
     ClusterSnapshot,
     ConfigFile,
     EnvVar,
@@ -24,7 +24,7 @@ from scanner.records import (
     Node,
     Rollout,
 )
-from scanner.selector import parse as parse_selector
+from scanner.core.selector import parse as parse_selector
 
 NODES = (
     Node(name="w1", addresses=(("InternalIP", "127.0.0.1"),), ready=True,

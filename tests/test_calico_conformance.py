@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from scanner.calico import (
+from scanner.core.calico import (
     CRD_GROUP,
     V3_GROUP,
     cluster_declared,
@@ -23,9 +23,9 @@ from scanner.calico import (
     resolve,
     resolve_nodes,
 )
-from scanner.evaluate import evaluate, probe_targets
-from scanner.findings import remediation_for
-from scanner.records import (
+from scanner.core.evaluate import evaluate, probe_targets
+from scanner.core.findings import remediation_for
+from scanner.core.records import (
     ClusterSnapshot,
     ConfigFile,
     Declared,

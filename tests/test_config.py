@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from scanner.cli import main
-from scanner.config import load_settings, parse_window
-from scanner.errors import ConfigError
+from scanner.app.cli import main
+from scanner.core.config import load_settings, parse_window
+from scanner.core.errors import ConfigError
 
 KUBECONFIG = """
 apiVersion: v1

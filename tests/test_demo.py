@@ -14,9 +14,9 @@ import pytest
 from pypdf import PdfReader
 from sqlalchemy import create_engine, text
 
-from scanner.cli import main
-from scanner.demo import claim_block
-from scanner.errors import FelixscanError
+from scanner.app.cli import main
+from scanner.app.demo import claim_block
+from scanner.core.errors import FelixscanError
 
 
 def test_demo_replays_a_week_and_writes_verifiable_reports(

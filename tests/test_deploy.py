@@ -41,7 +41,7 @@ from rbac_rules import (
     render,
 )
 
-from scanner.config import DEFAULT_DATABASE
+from scanner.core.config import DEFAULT_DATABASE
 
 ROOT = DEPLOY.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from scanner.calico import cluster_declared, resolve_nodes
-from scanner.evaluate import evaluate, failed_cluster, node_verdict
-from scanner.records import (
+from scanner.core.calico import cluster_declared, resolve_nodes
+from scanner.core.evaluate import evaluate, failed_cluster, node_verdict
+from scanner.core.records import (
     ClusterResult,
     ClusterSnapshot,
     ConfigFile,

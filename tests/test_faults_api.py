@@ -23,11 +23,11 @@ import scan_harness
 from scan_harness import Harness, Outcome
 from sqlalchemy import create_engine, func, select
 
-from scanner import collect
-from scanner.db import ClusterScan, FindingRow, NodeProbe
+from scanner.db.models import ClusterScan, FindingRow, NodeProbe
 from scanner.emulator import KubeEmulator
 from scanner.emulator.certs import make_ca
 from scanner.emulator.nodes import address_for
+from scanner.kube import read as collect
 
 EXEC_API = "client.authentication.k8s.io/v1beta1"
 

@@ -29,7 +29,7 @@ import yaml
 from scan_harness import Harness, Node
 from sqlalchemy import select
 
-from scanner.db import (
+from scanner.db.models import (
     ClusterScan,
     DailyClusterSummary,
     Lease,
@@ -37,8 +37,8 @@ from scanner.db import (
     NodeState,
     ScanRun,
 )
+from scanner.db.store import Store
 from scanner.emulator.nodes import address_for
-from scanner.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "concurrency-token-0123456789"
@@ -50,13 +50,13 @@ NODES = {"a": 42, "b": 25}
 SERVE = f"""
 import sys
 from apscheduler.triggers.cron import CronTrigger
-import scanner.serve
-from scanner.cli import main
+import scanner.app.serve
+from scanner.app.cli import main
 
 def every_few_seconds(expr, *, timezone, jitter=0):
     return CronTrigger(second="*/{EVERY}", timezone=timezone)
 
-scanner.serve.cron_trigger = every_few_seconds
+scanner.app.serve.cron_trigger = every_few_seconds
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -161,7 +161,7 @@ def test_two_scanners_and_a_serve_write_at_once(harness: Harness, db_url: str, t
             codes[i].append(proc.returncode)
             # Without a terminal, progress is logged (scanner.progress, INFO); nothing else.
             others = [line for line in proc.stderr.splitlines()
-                      if " INFO scanner.progress: " not in line]
+                      if " INFO scanner.telemetry.progress: " not in line]
             if proc.returncode != 1 or others:
                 errors.append(proc.stderr[-2000:])
 

@@ -24,7 +24,7 @@ import scan_harness
 from scan_harness import Harness, Node
 from sqlalchemy import Engine, create_engine, event, inspect, text
 
-import scanner.store as store_module
+import scanner.db.store as store_module
 from scanner.emulator.nodes import address_for
 
 

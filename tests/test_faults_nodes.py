@@ -31,11 +31,11 @@ from scan_harness import Harness, Node, Outcome
 from sqlalchemy import create_engine, select, text
 
 from reports import build_report
-from scanner.cli import main
-from scanner.db import NodeProbe
+from scanner.app.cli import main
+from scanner.core.evaluate import failed_cluster
+from scanner.db.models import NodeProbe
+from scanner.db.store import Store
 from scanner.emulator.nodes import LONG_CHAIN, REDIRECT_LOCATION, address_for
-from scanner.evaluate import failed_cluster
-from scanner.store import Store
 
 # connect 0.5 s, TLS 1 s, HTTP 1.5 s: the worst node costs 0.5 + 1 + 0.5 + 1.5 = 3.5 s
 PROBE = {"timeout_seconds": 0.5, "tls_timeout_seconds": 1, "http_timeout_seconds": 1.5}
@@ -47,7 +47,7 @@ RSS_LIMIT_MB = 200  # the scanner's peak, child process; an endless body would b
 _MEASURED = (
     "import re, sys\n"
     "from pathlib import Path\n"
-    "from scanner.cli import main\n"
+    "from scanner.app.cli import main\n"
     "code = main(sys.argv[1:])\n"
     "peak = re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text())\n"
     "print(f'PEAK_RSS_KB={peak.group(1)}', file=sys.stderr)\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from scanner.findings import RULES
+from scanner.core.findings import RULES
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "findings.md"
 

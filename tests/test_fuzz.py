@@ -11,14 +11,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scanner.calico import resolve
-from scanner.config import load_settings
-from scanner.errors import ConfigError
-from scanner.records import ClusterSnapshot, ConfigFile, EnvVar, FelixConfig, Node, Rollout
+from scanner.core.calico import resolve
+from scanner.core.config import load_settings
+from scanner.core.errors import ConfigError
+from scanner.core.records import ClusterSnapshot, ConfigFile, EnvVar, FelixConfig, Node, Rollout
 
 # --- an independent model of Felix's rules ---------------------------------------------------
 # Written from CALICO-FACTS.md "Rules that decide the value" and the upstream code it cites,
-# not from scanner/calico.py. Sources: env (felix_ prefix in any case; names lower-cased into
+# not from scanner/core/calico.py. Sources: env (felix_ prefix in any case; names lower-cased into
 # one key, so spellings that disagree, an empty one included, are undetermined) > per-node >
 # selector-scoped (v3.32+, oldest wins, nodes without labels match nothing) > default > false.
 # Each source drops empty values; "none" (any case) is false; Felix booleans are
@@ -191,7 +191,7 @@ def test_resolver_agrees_with_the_model(env: list[tuple[str, str]],
                                         configs: list[dict[str, Any]],
                                         labels: dict[str, str],
                                         version: tuple[int, int]) -> None:
-    """The resolver (scanner/calico.py) against the model above, on the rules of
+    """The resolver (scanner/core/calico.py) against the model above, on the rules of
     felix/config/config_params.go `resolve`/`UpdateFrom`, env_var_loader.go,
     configurationprocessor.go and felix/calc/config_batcher.go `MergeSelectorConfigs`."""
     snap, node = snapshot(env, configs, labels, version)

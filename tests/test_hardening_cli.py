@@ -24,12 +24,12 @@ import scan_harness
 import urllib3
 from scan_harness import Harness, Run, felixscan, felixscan_process
 
-from scanner.config import ClusterSettings
+from scanner.core.config import ClusterSettings
+from scanner.core.errors import ApiError, RemediationRefused
+from scanner.db.store import Store
 from scanner.emulator import KubeEmulator
 from scanner.emulator.nodes import address_for
-from scanner.errors import ApiError, RemediationRefused
-from scanner.kube_write import KubeWriter, ObjectRef
-from scanner.store import Store
+from scanner.kube.write import KubeWriter, ObjectRef
 
 ROOT = Path(__file__).resolve().parent.parent
 ENABLED = "FELIX_PROMETHEUSMETRICSENABLED"
@@ -93,7 +93,7 @@ def test_remediation_never_patches_the_object_a_forged_answer_names(harness: Har
 
     out = remediate_cli(harness, sqlite_url, *APPLY)
 
-    # The scan before planning already refuses the answer (scanner/collect.py), so nothing is
+    # The scan before planning already refuses the answer (scanner/kube/read.py), so nothing is
     # planned; kube_write would refuse it too (test_an_answer_naming_another_object_is_refused).
     assert out.code == 1, out.stdout + out.stderr
     assert emu.get_object("apps/v1", "DaemonSet", "victim-ds", "kube-system") == victim

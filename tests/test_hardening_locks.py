@@ -33,16 +33,16 @@ import scan_harness
 from scan_harness import Harness, Node, Outcome
 from sqlalchemy import create_engine, text
 
-import scanner.cli
-from scanner.cli import main
-from scanner.config import ServeSettings, load_settings
+import scanner.app.cli
+from scanner.app.cli import main
+from scanner.app.serve import ScanScheduler, ServeStore
+from scanner.core.config import ServeSettings, load_settings
+from scanner.core.errors import LockLost
+from scanner.core.evaluate import failed_cluster
+from scanner.core.records import ClusterResult
+from scanner.db.locks import DatabaseLock, advisory_key, cluster_lock_name
+from scanner.db.store import Store
 from scanner.emulator.nodes import address_for
-from scanner.errors import LockLost
-from scanner.evaluate import failed_cluster
-from scanner.locks import DatabaseLock, advisory_key, cluster_lock_name
-from scanner.records import ClusterResult
-from scanner.serve import ScanScheduler, ServeStore
-from scanner.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
@@ -50,8 +50,8 @@ HOST = socket.gethostname()
 # A process that takes cluster a's lock, says so, and hangs on to it until it is killed.
 HOLDER = """
 import sys, time
-from scanner.locks import DatabaseLock
-from scanner.store import Store
+from scanner.db.locks import DatabaseLock
+from scanner.db.store import Store
 held = DatabaseLock(Store(sys.argv[1])).try_acquire("cluster:a")
 print("held" if held else "busy", flush=True)
 time.sleep(120)
@@ -69,7 +69,7 @@ def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def lock_wait(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
     """`felixscan scan` waits 60 s for a cluster another process holds; tests wait less."""
-    return lambda seconds: monkeypatch.setattr(scanner.cli, "LOCK_WAIT_SECONDS", seconds)
+    return lambda seconds: monkeypatch.setattr(scanner.app.cli, "LOCK_WAIT_SECONDS", seconds)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -28,13 +28,13 @@ import pytest
 from test_serve_alerts import alert
 from test_web import TOKEN, FakeSchedule, fill, served
 
-from reports.web import ReportCache
-from scanner import alerts as alerts_module
-from scanner.alerts import MAX_BACKOFF, AlertSender
-from scanner.config import AlertSettings, Settings
-from scanner.serve import ScanScheduler
-from scanner.store import Store
-from scanner.web import Auth, create_app
+from reports.cache import ReportCache
+from scanner.app import alerts as alerts_module
+from scanner.app.alerts import MAX_BACKOFF, AlertSender
+from scanner.app.serve import ScanScheduler
+from scanner.core.config import AlertSettings, Settings
+from scanner.db.store import Store
+from scanner.web.app import Auth, create_app
 
 # --- helpers -------------------------------------------------------------------------------
 

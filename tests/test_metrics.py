@@ -37,17 +37,17 @@ from test_serve_process import ROOT, Serve, config, poll
 from test_serve_process import TOKEN as SERVE_TOKEN
 from test_web import TOKEN, fetch, fill, make_result, served
 
-from reports.web import ReportCache
+from reports.cache import ReportCache
 from scanner import __version__
-from scanner.config import ServeSettings, load_settings
-from scanner.db import ClusterScan
-from scanner.errors import StoreError
-from scanner.evaluate import failed_cluster
-from scanner.metrics import DURATION_BUCKETS, ScanStats
-from scanner.records import ClusterResult
-from scanner.serve import ScanScheduler, ServeStore
-from scanner.store import Fence, Store
-from scanner.web import Auth, create_app
+from scanner.app.serve import ScanScheduler, ServeStore
+from scanner.core.config import ServeSettings, load_settings
+from scanner.core.errors import StoreError
+from scanner.core.evaluate import failed_cluster
+from scanner.core.records import ClusterResult
+from scanner.db.models import ClusterScan
+from scanner.db.store import Fence, Store
+from scanner.web.app import Auth, create_app
+from scanner.web.metrics import DURATION_BUCKETS, ScanStats
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -36,8 +36,7 @@ from junitparser import Error, Failure, JUnitXml, Skipped
 from py_ocsf_models.events.findings.compliance_finding import ComplianceFinding
 from scan_harness import Harness, Node, Run, felixscan
 
-from scanner.findings import RULES
-from scanner.outputs import (
+from reports.outputs import (
     CSV_COLUMNS,
     Document,
     encode,
@@ -47,6 +46,7 @@ from scanner.outputs import (
     to_junit,
     to_sarif,
 )
+from scanner.core.findings import RULES
 
 ROOT = Path(__file__).resolve().parent.parent
 SARIF_SCHEMA = Path(__file__).resolve().parent / "fixtures" / "sarif-schema-2.1.0.json"
@@ -147,7 +147,7 @@ def test_the_json_schema_ships_in_the_package_and_is_a_valid_schema() -> None:
 
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]
-    assert "*.json" in package_data["scanner.schemas"]
+    assert "*.json" in package_data["reports.schemas"]
 
 
 # --- scan: JSON ----------------------------------------------------------------------------

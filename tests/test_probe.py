@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 
 from scanner import probe as probe_module
+from scanner.core.records import ProbeResult, ProbeTarget
 from scanner.emulator.nodes import (
     REDIRECT_LOCATION,
     FleetProcess,
@@ -22,7 +23,6 @@ from scanner.emulator.nodes import (
     address_for,
 )
 from scanner.probe import NO_ADDRESS, ProbeSettings, probe_many, probe_nodes
-from scanner.records import ProbeResult, ProbeTarget
 
 # unclosed sockets must fail these tests even though the project ignores ResourceWarning globally
 pytestmark = pytest.mark.filterwarnings("error::ResourceWarning")

@@ -37,7 +37,7 @@ from rbac_rules import (
 from scan_harness import Harness, Node
 from sqlalchemy import create_engine, text
 
-from scanner.cli import main
+from scanner.app.cli import main
 from scanner.emulator import ClusterHandle, RecordedRequest
 
 HAS_REMEDIATION = importlib.util.find_spec("scanner.remediate") is not None

@@ -14,7 +14,7 @@ from contextlib import redirect_stdout
 import pytest
 from sqlalchemy import create_engine, text
 
-from scanner.cli import main
+from scanner.app.cli import main
 
 pytestmark = pytest.mark.realcluster
 

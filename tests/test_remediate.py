@@ -22,13 +22,11 @@ import pytest
 from scan_harness import Harness, Node
 from sqlalchemy import create_engine, select
 
-from scanner.calico import felix_param, resolve
-from scanner.cli import main
-from scanner.config import load_settings, parse_window
-from scanner.db import RemediationAction, ScanRun
-from scanner.emulator import ClusterHandle, KubeEmulator, RecordedRequest
-from scanner.errors import RemediationRefused
-from scanner.records import (
+from scanner.app.cli import main
+from scanner.core.calico import felix_param, resolve
+from scanner.core.config import load_settings, parse_window
+from scanner.core.errors import RemediationRefused
+from scanner.core.records import (
     ClusterSnapshot,
     ConfigFile,
     EnvVar,
@@ -36,7 +34,10 @@ from scanner.records import (
     Installation,
     Rollout,
 )
-from scanner.records import Node as NodeRecord
+from scanner.core.records import Node as NodeRecord
+from scanner.db.models import RemediationAction, ScanRun
+from scanner.db.store import Store
+from scanner.emulator import ClusterHandle, KubeEmulator, RecordedRequest
 from scanner.remediate import (
     REMEDIATION_RBAC,
     RemediateOptions,
@@ -47,7 +48,6 @@ from scanner.remediate import (
     plan_fixes,
     remediate,
 )
-from scanner.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 FELIX_API = "crd.projectcalico.org/v1"
@@ -675,7 +675,7 @@ def test_a_patch_the_server_rejects_is_a_failed_action(harness: Harness,
 
 def test_apply_is_refused_while_another_holds_the_cluster_lock(harness: Harness,
                                                          sqlite_url: str) -> None:
-    from scanner.locks import DatabaseLock, cluster_lock_name
+    from scanner.db.locks import DatabaseLock, cluster_lock_name
 
     handle = harness.cluster("c1", ["felix-http"], env={ENABLED: "true"}, options=ENABLED_OPTS)
     handle.simulate_controllers()
@@ -693,10 +693,10 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_logs() -> None:
     """The rollout is shown on the command's progress line (scanner.progress, like the scans
     before and after it): a bar redrawn in place on a terminal and taken off when it ends;
     without a terminal, one `scanner.progress` log line per change."""
-    from scanner import progress
-    from scanner.commands.remediate import _ProgressView
-    from scanner.logs import configured
+    from scanner.app.commands.remediate import _ProgressView
     from scanner.remediate import RolloutProgress
+    from scanner.telemetry import progress
+    from scanner.telemetry.logs import configured
 
     step = RolloutProgress(generation=3, observed_generation=3, target_generation=3, desired=4,
                            updated=2, available=3, elapsed=5.0, timeout=60.0)
@@ -710,7 +710,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_logs() -> None:
     log = io.StringIO()
     with configured(stream=log), progress.session(log, title="remediate"):
         _ProgressView()(step)
-    assert log.getvalue().endswith(" INFO scanner.progress: rollout: 2/4 updated, 3/4 "
+    assert log.getvalue().endswith(" INFO scanner.telemetry.progress: rollout: 2/4 updated, 3/4 "
                                    "available, generation 3/3 observed (5s of 60s)\n")
 
 

@@ -27,10 +27,9 @@ from reports import (
     verify_pdf,
 )
 from reports.render import TABLE_ROWS, code_spans, compact_names
-from scanner.errors import ReportError
-from scanner.evaluate import evaluate, failed_cluster
-from scanner.history import load_report
-from scanner.records import (
+from scanner.core.errors import ReportError
+from scanner.core.evaluate import evaluate, failed_cluster
+from scanner.core.records import (
     ClusterResult,
     ClusterSnapshot,
     ConfigFile,
@@ -42,7 +41,8 @@ from scanner.records import (
     Rollout,
     TlsFacts,
 )
-from scanner.store import Store
+from scanner.db.queries.history import load_report
+from scanner.db.store import Store
 
 BASE = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 20, 9, 30, tzinfo=UTC)
@@ -455,7 +455,7 @@ def test_report_from_postgresql(pg_store: Store, tmp_path: Path) -> None:
 def test_scans_pruned_by_retention_are_said_so(tmp_path: Path) -> None:
     from sqlalchemy import delete, select, update
 
-    from scanner.db import ClusterScan, NodeProbe
+    from scanner.db.models import ClusterScan, NodeProbe
 
     with Store(f"sqlite:///{tmp_path / 'pruned.db'}") as store:
         populate(store)

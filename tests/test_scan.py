@@ -11,7 +11,7 @@ import pytest
 from scan_harness import CALICO_VERSIONS, Harness, Node
 from sqlalchemy import create_engine, select, text
 
-from scanner.db import ClusterScan, FindingRow, NodeProbe
+from scanner.db.models import ClusterScan, FindingRow, NodeProbe
 
 
 def rows(db: str, model: type, **where: object) -> list:
@@ -327,9 +327,9 @@ def test_second_scan_appends(harness: Harness, sqlite_url: str) -> None:
 
 def test_a_cluster_locked_by_another_scanner_is_not_scanned_twice(
         harness: Harness, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scanner import cli
-    from scanner.locks import DatabaseLock, cluster_lock_name
-    from scanner.store import Store
+    from scanner.app import cli
+    from scanner.db.locks import DatabaseLock, cluster_lock_name
+    from scanner.db.store import Store
 
     harness.cluster("busy", ["closed"])
     harness.cluster("free", ["closed"])

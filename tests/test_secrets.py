@@ -195,7 +195,7 @@ def test_kubeconfig_errors_do_not_quote_credentials(harness: Harness, sqlite_url
     doc: dict[str, Any] = yaml.safe_load(kubeconfig.read_text())
     doc["users"][0]["user"] = {"token": TOKEN, "client-key-data": f"{TOKEN}-not-base64!"}
     kubeconfig.write_text(yaml.safe_dump(doc))
-    from scanner.cli import main
+    from scanner.app.cli import main
 
     code = main(["scan", "--config", str(config), "--db", sqlite_url, "--json"])
     out, err = capsys.readouterr()

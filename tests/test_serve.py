@@ -15,17 +15,23 @@ from scan_harness import Harness
 from sqlalchemy import select
 from test_serve_alerts import Receiver
 
-from scanner.config import AlertSettings, ClusterSettings, ServeSettings, Settings, load_settings
-from scanner.db import ClusterScan, Lease, ScanRun
-from scanner.evaluate import failed_cluster
-from scanner.serve import (
+from scanner.app.serve import (
     ScanScheduler,
     ServeStore,
     cron_trigger,
     crontab_weekdays,
     last_fire,
 )
-from scanner.store import Store
+from scanner.core.config import (
+    AlertSettings,
+    ClusterSettings,
+    ServeSettings,
+    Settings,
+    load_settings,
+)
+from scanner.core.evaluate import failed_cluster
+from scanner.db.models import ClusterScan, Lease, ScanRun
+from scanner.db.store import Store
 
 
 def at(text: str) -> datetime:
@@ -158,7 +164,7 @@ def test_alerts_and_auto_remediation_hook(harness: Harness, sqlite_url: str) -> 
     calls: list[tuple[str, str]] = []
     settings = replace(_settings(harness, sqlite_url, public_url="https://fs.example.org"),
                        alerts=AlertSettings(webhook_url=receiver.url, backoff_seconds=0.01))
-    from scanner.alerts import AlertSender
+    from scanner.app.alerts import AlertSender
 
     alerts = AlertSender(settings.alerts)
     store = ServeStore(sqlite_url)

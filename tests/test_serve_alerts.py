@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from scanner.alerts import AlertSender, build_alert, payload, transition
-from scanner.config import AlertSettings
+from scanner.app.alerts import AlertSender, build_alert, payload, transition
+from scanner.core.config import AlertSettings
 
 
 class Receiver:

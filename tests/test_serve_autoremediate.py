@@ -13,10 +13,10 @@ from test_remediate import ENABLED, FelixSim
 from test_serve import _settings
 from test_serve_alerts import Receiver
 
-from scanner.alerts import AlertSender
-from scanner.config import AlertSettings
-from scanner.db import RemediationAction, ScanRun
-from scanner.serve import ScanScheduler, ServeStore, auto_remediator
+from scanner.app.alerts import AlertSender
+from scanner.app.serve import ScanScheduler, ServeStore, auto_remediator
+from scanner.core.config import AlertSettings
+from scanner.db.models import RemediationAction, ScanRun
 
 
 def _window(now: datetime, *, inside: bool) -> str:

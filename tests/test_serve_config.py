@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scanner.config import AlertSettings, ServeSettings, load_settings, parse_listen
-from scanner.errors import ConfigError
+from scanner.core.config import AlertSettings, ServeSettings, load_settings, parse_listen
+from scanner.core.errors import ConfigError
 
 KUBECONFIG = """
 apiVersion: v1

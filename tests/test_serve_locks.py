@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from scanner.db import Lease
-from scanner.locks import DatabaseLock, advisory_key, cluster_lock_name
-from scanner.store import Store
+from scanner.db.locks import DatabaseLock, advisory_key, cluster_lock_name
+from scanner.db.models import Lease
+from scanner.db.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # A process that takes the lock, says so, and then hangs on to it until it is killed.
 HOLDER = """
 import sys, time
-from scanner.locks import DatabaseLock
-from scanner.store import Store
+from scanner.db.locks import DatabaseLock
+from scanner.db.store import Store
 held = DatabaseLock(Store(sys.argv[1]), ttl_seconds=float(sys.argv[2])).try_acquire("cluster:c1")
 print("held" if held else "busy", flush=True)
 time.sleep(120)
@@ -33,8 +33,8 @@ time.sleep(120)
 # A process that takes the lock five times, holding it 0.15 s each time, and reports when.
 WORKER = """
 import json, sys, time
-from scanner.locks import DatabaseLock
-from scanner.store import Store
+from scanner.db.locks import DatabaseLock
+from scanner.db.store import Store
 locks = DatabaseLock(Store(sys.argv[1]), ttl_seconds=30)
 spans = []
 while len(spans) < 5:

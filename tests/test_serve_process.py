@@ -19,8 +19,8 @@ import yaml
 from scan_harness import Harness
 from sqlalchemy import select
 
-from scanner.db import ClusterScan, Lease, ScanRun
-from scanner.store import Store
+from scanner.db.models import ClusterScan, Lease, ScanRun
+from scanner.db.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789abcdef"

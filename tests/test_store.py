@@ -9,10 +9,9 @@ import pytest
 from alembic import command
 from sqlalchemy import func, select, text
 
-from scanner.db import ClusterScan, FindingRow, NodeProbe, ScanRun
-from scanner.errors import SchemaMismatch, StoreError
-from scanner.evaluate import failed_cluster
-from scanner.records import (
+from scanner.core.errors import SchemaMismatch, StoreError
+from scanner.core.evaluate import failed_cluster
+from scanner.core.records import (
     ClusterResult,
     Declared,
     Finding,
@@ -20,7 +19,8 @@ from scanner.records import (
     ProbeResult,
     TlsFacts,
 )
-from scanner.store import Store, alembic_config, redact_url
+from scanner.db.models import ClusterScan, FindingRow, NodeProbe, ScanRun
+from scanner.db.store import Store, alembic_config, redact_url
 
 NOW = datetime(2026, 11, 27, 2, 0, tzinfo=UTC)
 

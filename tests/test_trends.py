@@ -16,14 +16,14 @@ import pytest
 from alembic import command
 from sqlalchemy import event, func, select, text
 
-from scanner.cli import main
-from scanner.db import ClusterScan, FindingRow, NodeProbe
-from scanner.errors import StoreError
-from scanner.evaluate import failed_cluster
-from scanner.records import ClusterResult, Declared, Finding, NodeResult, ProbeResult, Verdict
-from scanner.retention import prune, record_report
-from scanner.store import Store, alembic_config
-from scanner.trends import failing_streaks, trend
+from scanner.app.cli import main
+from scanner.core.errors import StoreError
+from scanner.core.evaluate import failed_cluster
+from scanner.core.records import ClusterResult, Declared, Finding, NodeResult, ProbeResult, Verdict
+from scanner.db.models import ClusterScan, FindingRow, NodeProbe
+from scanner.db.queries.retention import prune, record_report
+from scanner.db.queries.trends import failing_streaks, trend
+from scanner.db.store import Store, alembic_config
 
 TODAY = date(2026, 11, 27)
 OFF = Declared(enabled=False, source="built-in default (false)", port=9091,
@@ -240,7 +240,7 @@ def test_upgrade_backfills_rollups_from_older_scans(db_url: str) -> None:
 
 
 def test_two_processes_upgrade_at_once(db_url: str) -> None:
-    code = ("import sys; from scanner.store import Store; "
+    code = ("import sys; from scanner.db.store import Store; "
             "Store(sys.argv[1]).upgrade(); print('ok')")
     procs = [subprocess.Popen([sys.executable, "-c", code, db_url], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]

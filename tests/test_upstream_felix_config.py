@@ -1,4 +1,4 @@
-"""Upstream felix/config and go-ini test tables run against scanner.felix_params.
+"""Upstream felix/config and go-ini test tables run against scanner.core.felix_params.
 
 The case data lives in tests/upstream/felix_config_cases.py (carried over from
 projectcalico/calico and go-ini/ini, commits there); the own cases at the end
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from scanner import felix_params as fp
-from scanner.felix_params import (
+from scanner.core import felix_params as fp
+from scanner.core.felix_params import (
     DEFAULT_PORT,
     ConfigFileError,
     load_config_file,

@@ -1,5 +1,5 @@
 """Calico's own selector test tables (tests/upstream/calico_selector_cases.py) run against
-scanner.selector, the port of libcalico-go/lib/selector."""
+scanner.core.selector, the port of libcalico-go/lib/selector."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from upstream.calico_selector_cases import (
     VISITOR_TESTS,
 )
 
-from scanner.selector import Selector, SelectorParseError, _tokenize, parse
+from scanner.core.selector import Selector, SelectorParseError, _tokenize, parse
 
 
 def _short(text: str) -> str:

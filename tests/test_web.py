@@ -19,10 +19,10 @@ import pytest
 import uvicorn
 
 from reports import verify_pdf
-from reports.web import ReportCache
-from scanner.db import RemediationAction
-from scanner.evaluate import evaluate, failed_cluster
-from scanner.records import (
+from reports.cache import ReportCache
+from scanner.app.serve import JobInfo, bind
+from scanner.core.evaluate import evaluate, failed_cluster
+from scanner.core.records import (
     ClusterResult,
     ClusterSnapshot,
     ConfigFile,
@@ -33,10 +33,10 @@ from scanner.records import (
     ProbeResult,
     Rollout,
 )
-from scanner.runs import record_skipped
-from scanner.serve import JobInfo, bind
-from scanner.store import Store
-from scanner.web import Auth, create_app, openapi
+from scanner.db.models import RemediationAction
+from scanner.db.runs import record_skipped
+from scanner.db.store import Store
+from scanner.web.app import Auth, create_app, openapi
 
 TOKEN = "web-test-token-0123456789"
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -472,7 +472,7 @@ def test_token_file_is_reread_when_rotated(site: tuple[str, Store, FakeSchedule]
 
 
 def test_page_queries_agree_on_both_backends(db_url: str) -> None:
-    from scanner.web_queries import cluster_page, fleet_overview, list_runs, list_scans
+    from scanner.db.queries.pages import cluster_page, fleet_overview, list_runs, list_scans
 
     with Store(db_url) as store:
         fill(store)
@@ -497,7 +497,7 @@ def test_page_queries_agree_on_both_backends(db_url: str) -> None:
 
 
 def test_report_cache_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
-    from scanner.errors import ConfigError
+    from scanner.core.errors import ConfigError
 
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from test_web import TOKEN, fill, served
 
-from reports.web import ReportCache
-from scanner.store import Store
-from scanner.web import Auth, create_app
+from reports.cache import ReportCache
+from scanner.db.store import Store
+from scanner.web.app import Auth, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")

@@ -30,8 +30,8 @@ import yaml
 from test_serve_process import ROOT, TOKEN, Serve
 from test_web import make_result
 
-from reports.web import ReportCache
-from scanner.store import Store
+from reports.cache import ReportCache
+from scanner.db.store import Store
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 TODAY = NOW.date()

@@ -1,4 +1,4 @@
-# Upstream test-case data for scanner/felix_params.py, as plain Python data.
+# Upstream test-case data for scanner/core/felix_params.py, as plain Python data.
 #
 # Carried over from:
 #   projectcalico/calico @ 87c15906f20c4ca1fda55af92295e7678b0cc0b2 (master):

@@ -1,0 +1,296 @@
+"""The pages of `felixscan serve` and its report downloads, rendered here because only
+`reports/` imports Jinja2.
+
+`render_page` fills the `web_*.html.j2` templates (autoescaped; no inline script or style, so
+the page's Content-Security-Policy can forbid both); `sparkline` draws a small inline SVG;
+`ReportCache` renders a report once per data hash and serves the file after that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup, escape
+
+from reports.charts import trend_chart
+from reports.integrity import canonical_json, report_hash
+from reports.render import render_html, render_pdf
+from scanner.core.errors import ConfigError
+from scanner.db.queries.history import DayPoint, load_report
+from scanner.db.store import Store
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+FAIL, UNKNOWN, OK, ERROR, LINE = "#c62828", "#e0a100", "#2e7d32", "#8a8a8a", "#1f5fa8"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@cache
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(when=_when, ago=_ago, pct=_pct)
+    return env
+
+
+@cache
+def stylesheet() -> bytes:
+    """The page's stylesheet, served as a file so the CSP needs no 'unsafe-inline'."""
+    return (TEMPLATES / "web.css").read_bytes()
+
+
+def render_page(template: str, **context: Any) -> str:
+    """One of the `web_*.html.j2` templates, autoescaped."""
+    return _environment().get_template(template).render(**context)
+
+
+def _when(value: datetime | date | None) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return value.isoformat()
+
+
+def _ago(value: datetime | None, now: datetime | None = None) -> str:
+    if value is None:
+        return ""
+    seconds = ((now or datetime.now(UTC)) - value).total_seconds()
+    if seconds < 0:
+        seconds = -seconds
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if seconds >= size:
+                return f"in {int(seconds // size)} {unit}"
+        return "in <1 min"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return "just now"
+
+
+def _pct(value: float | None) -> str:
+    if value is None:
+        return "—"
+    text = f"{value * 100:.1f}"
+    return ("100" if text == "100.0" else text) + " %"
+
+
+def sparkline(points: Sequence[Any], *, since: date, until: date, width: int = 160,
+              height: int = 28) -> Markup:
+    """Compliance ratio per day (line) with failing days marked; error days as grey bars.
+
+    `points` need `day`, `status`, `nodes`, `failing`, `unknown` and `ratio`.
+    """
+    days = max((until - since).days + 1, 1)
+    slot = width / days
+    top, bottom = 3.0, height - 3.0
+
+    def x(day: date) -> float:
+        return ((day - since).days + 0.5) * slot
+
+    def y(ratio: float) -> float:
+        return bottom - ratio * (bottom - top)
+
+    ratios = [p.ratio for p in points if p.ratio is not None]
+    worst = min(ratios) if ratios else None
+    failing_days = sum(1 for p in points if p.failing or p.unknown)
+    label = (f"{days}-day trend: {len(points)} days scanned, {failing_days} with failing or "
+             f"unknown nodes, lowest compliance {_pct(worst)}")
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="spark" viewBox="0 0 {width} '
+           f'{height}" width="{width}" height="{height}" role="img" aria-label="{escape(label)}">',
+           f"<title>{escape(label)}</title>",
+           f'<line x1="0" x2="{width}" y1="{top}" y2="{top}" stroke="#dddddd" '
+           'stroke-width="0.5"/>']
+    run: list[str] = []
+    runs: list[list[str]] = []
+    previous: date | None = None
+    for p in points:
+        ratio = p.ratio
+        if ratio is None:
+            out.append(f'<rect x="{x(p.day) - max(slot / 2, 0.5):.1f}" y="{top}" '
+                       f'width="{max(slot, 1.0):.1f}" height="{bottom - top}" fill="{ERROR}" '
+                       'fill-opacity="0.5"/>')
+            previous = None
+            continue
+        px, py = x(p.day), y(ratio)
+        point = f"{px:.1f},{py:.1f}"
+        if previous is not None and (p.day - previous).days == 1:
+            run.append(point)
+        else:
+            run = [point]
+            runs.append(run)
+        previous = p.day
+        if p.failing or p.unknown:
+            out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="1.6" '
+                       f'fill="{FAIL if p.failing else UNKNOWN}"/>')
+    for line in runs:
+        if len(line) > 1:
+            out.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="{LINE}" '
+                       'stroke-width="1.2" stroke-linejoin="round"/>')
+        else:
+            cx, cy = line[0].split(",")
+            out.append(f'<circle cx="{cx}" cy="{cy}" r="1.2" fill="{LINE}"/>')
+    out.append("</svg>")
+    return Markup("".join(out))  # noqa: S704 - the only text in it is escaped above
+
+
+def history_chart(series: Sequence[DayPoint], *, since: date, until: date) -> Markup:
+    """The report's trend chart, for the cluster page."""
+    return trend_chart(series, since=since, until=until)
+
+
+# --- report downloads ----------------------------------------------------------------------
+
+
+def _layout_pdf(html: str, raw: bytes) -> bytes:
+    """In the child process: the PDF of a rendered report."""
+    return render_pdf(html, attachment_json=raw)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedReport:
+    path: Path
+    format: str
+    sha256: str  # the integrity hash printed in (and embedded into) the report
+    data_key: str  # the hash of the report data without its generation time: the cache key
+    cached: bool  # served from the cache, not rendered for this request
+    # The report's file, open: another request's eviction may unlink `path` at any time, the
+    # open file stays readable. The caller closes it.
+    file: BinaryIO
+    size: int
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ReportCache:
+    """Reports rendered on demand and kept by data hash: the same data is rendered once.
+
+    The key is the SHA-256 of the report data without `generated_at`, so a report is made
+    again exactly when a scan in its period changes. File names are made here from hex digests
+    only; nothing a request sends ever becomes part of a path.
+    """
+
+    def __init__(self, directory: Path, *, entries: int = 64, parallel: int = 2) -> None:
+        self.directory = directory
+        self.entries = entries
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+        # Files here are served as reports: nobody else may be able to put one there (a
+        # directory in a shared /tmp could have been made by another user first).
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ConfigError(f"{directory} must belong to this user and be writable by no one "
+                              "else", key="serve.report_cache_dir")
+        self.parallel = parallel
+        self._renders = threading.BoundedSemaphore(parallel)  # PDF layout is CPU and memory
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._keys: dict[str, threading.Lock] = {}
+        self._keys_lock = threading.Lock()
+
+    def get(self, store: Store, *, clusters: Sequence[str], since: date, until: date,
+            fmt: str, now: datetime | None = None) -> CachedReport:
+        """The report, its file open (the caller closes it); raises ReportError (unknown
+        cluster, empty period) like the CLI."""
+        data = load_report(store, clusters=clusters, since=since, until=until, now=now)
+        key = hashlib.sha256(canonical_json(replace(data, generated_at=_EPOCH))).hexdigest()
+        with self._key_lock(key):
+            hit = self._open(key, fmt)
+            if hit is not None:
+                return hit
+            with self._renders:
+                raw = canonical_json(data)
+                digest = report_hash(raw)
+                html = render_html(data, digest=digest)
+                body = self._pdf(html, raw) if fmt == "pdf" else html.encode("utf-8")
+            path = self.directory / f"{key}.{digest}.{fmt}"
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".render-")
+            # Opened before it gets its name: once named, another request may evict it.
+            fh = os.fdopen(fd, "w+b")
+            try:
+                fh.write(body)
+                fh.flush()
+                fh.seek(0)
+                os.replace(tmp, path)
+            except BaseException:
+                fh.close()
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        try:
+            self._evict()
+        except BaseException:
+            fh.close()
+            raise
+        log.info("rendered %s report %s (%d bytes)", fmt, digest[:12], len(body))
+        return CachedReport(path, fmt, digest, key, cached=False, file=fh, size=len(body))
+
+    def _pdf(self, html: str, raw: bytes) -> bytes:
+        # PDF layout runs in a fresh child process per report: WeasyPrint holds the GIL for
+        # seconds (the pages would stall meanwhile) and keeps tens of MB after a large report;
+        # the child returns both to the system when it exits.
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.parallel, mp_context=multiprocessing.get_context("spawn"),
+                    max_tasks_per_child=1)
+            pool = self._pool
+        return pool.submit(_layout_pdf, html, raw).result()
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._keys_lock:
+            return self._keys.setdefault(key, threading.Lock())
+
+    def _open(self, key: str, fmt: str) -> CachedReport | None:
+        """The cached report, opened; None when there is none (or it was evicted meanwhile)."""
+        for path in self.directory.glob(f"{key}.*.{fmt}"):
+            try:
+                fh = path.open("rb")
+            except FileNotFoundError:
+                continue
+            os.utime(fh.fileno())  # most recently used: evicted last
+            return CachedReport(path, fmt, path.name.split(".")[1], key, cached=True,
+                                file=fh, size=os.fstat(fh.fileno()).st_size)
+        return None
+
+    def _evict(self) -> None:
+        # Other requests evict and rename at the same time: a file may go between the listing
+        # and its stat.
+        files = sorted(((mtime, p) for p in self.directory.iterdir()
+                        if not p.name.startswith(".") and (mtime := _mtime(p)) is not None),
+                       reverse=True)
+        for _, old in files[self.entries:]:
+            old.unlink(missing_ok=True)
+        # Temporary files of a render killed half-way.
+        cutoff = time.time() - 3600
+        for tmp in self.directory.glob(".render-*"):
+            mtime = _mtime(tmp)
+            if mtime is not None and mtime < cutoff:
+                tmp.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None

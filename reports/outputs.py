@@ -1,0 +1,765 @@
+"""Standard outputs of a scan or a report: the versioned JSON document and, made from it, SARIF
+2.1.0, JUnit XML, OCSF Compliance Finding events, a findings CSV, and the console text.
+
+Pure functions: `scan_document` (a scan's ClusterResults) and `report_document` (a report's
+data from the database) build one `Document`, the JSON contract of `SCHEMA_VERSION` described
+by scanner/schemas/scan-result.schema.json; every other format is encoded from that document,
+so a scan and a report of the same results say the same thing in every format.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import stat
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, date, datetime
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
+
+from scanner import __version__
+from scanner.app.commands.trend import csv_cell
+from scanner.core.findings import RULES
+from scanner.core.records import ClusterResult, NodeResult
+
+if TYPE_CHECKING:
+    from scanner.db.queries.history import ClusterReport, NodeRow, ReportData
+
+SCHEMA_VERSION = "1.0"
+SCHEMA_RESOURCE = "scan-result.schema.json"  # in the reports.schemas package
+TOOL_NAME = "felixscan"
+FORMATS = ("text", "json", "sarif", "junit", "ocsf", "csv")  # what `scan --format` takes
+CSV_COLUMNS = ("cluster", "node", "id", "severity", "title", "message", "fix")
+SARIF_SCHEMA_URI = ("https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/"
+                    "sarif-schema-2.1.0.json")
+OCSF_VERSION = "1.5.0"  # the OCSF schema version the events follow (py-ocsf-models 0.10 checks it)
+CONTROL = "felix-metrics"  # the control every finding belongs to
+CONTROL_TEXT = ("The Calico Felix Prometheus metrics endpoint is disabled in configuration and "
+                "unreachable on every node")
+
+_SEVERITIES = ("critical", "high", "medium", "low", "info")
+_SARIF_LEVEL = {"critical": "error", "high": "error", "medium": "warning", "low": "note",
+                "info": "note"}
+# GitHub code scanning ranks security results by this CVSS-like score (a string).
+_SECURITY_SEVERITY = {"critical": "9.5", "high": "8.0", "medium": "5.5", "low": "3.0",
+                      "info": "0.0"}
+_OCSF_SEVERITY = {"critical": (5, "Critical"), "high": (4, "High"), "medium": (3, "Medium"),
+                  "low": (2, "Low"), "info": (1, "Informational")}
+# OCSF compliance status: 1 Pass, 2 Warning (no result for want of information), 3 Fail.
+_OCSF_STATUS = {"pass": (1, "Pass"), "compliant": (1, "Pass"), "unknown": (2, "Warning"),
+                "error": (2, "Warning"), "fail": (3, "Fail"), "non_compliant": (3, "Fail")}
+# XML 1.0 has no way to carry these characters at all, escaped or not.
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+# --- the document (JSON contract) ----------------------------------------------------------
+
+
+class Tool(TypedDict):
+    name: str
+    version: str
+
+
+class DeclaredDoc(TypedDict):
+    enabled: bool | None
+    source: str | None
+    port: int | None
+    host: str | None
+
+
+class AddressDoc(TypedDict):
+    address: str | None
+    state: str
+    protocol: str | None
+    felix: bool | None
+
+
+class NodeDoc(TypedDict):
+    name: str
+    address: str | None
+    port: int
+    state: str
+    protocol: str | None
+    felix: bool | None
+    verdict: str
+    declared_enabled: bool | None
+    declared_source: str | None
+    declared_host: str | None
+    pod_current: bool | None
+    error: str | None
+    addresses: list[AddressDoc]
+    declared_reason: NotRequired[str | None]  # scan only: not stored per node
+    pod: NotRequired[str | None]  # scan only
+
+
+class FindingDoc(TypedDict):
+    id: str
+    severity: str
+    node: str | None
+    message: str
+    title: str
+    fix: str
+    evidence: dict[str, Any]
+
+
+# "pass" is a keyword: the functional syntax
+TotalsDoc = TypedDict("TotalsDoc", {"nodes": int, "pass": int, "fail": int, "unknown": int})
+
+
+class ScanRefDoc(TypedDict):
+    scan_id: int
+    started_at: str
+    finished_at: str
+
+
+class ClusterDoc(TypedDict):
+    name: str
+    status: str
+    install: str
+    declared: DeclaredDoc
+    declared_detail: dict[str, Any] | None
+    nodes: list[NodeDoc]
+    findings: list[FindingDoc]
+    error: str | None
+    totals: TotalsDoc
+    scan: ScanRefDoc
+    timings: NotRequired[dict[str, float]]  # scan only: seconds per stage
+    nodes_pruned_at: NotRequired[str | None]  # report only: retention removed the node rows
+
+
+class ReportDoc(TypedDict):
+    title: str
+    generated_at: str
+    since: str
+    until: str
+    sha256: str
+    scan_ids: list[int]
+    not_scanned: list[str]
+    emulated: bool
+
+
+class Document(TypedDict):
+    schema_version: str
+    tool: Tool
+    clusters: list[ClusterDoc]
+    scan_id: NotRequired[int]  # a scan: these three
+    started_at: NotRequired[str]
+    finished_at: NotRequired[str]
+    report: NotRequired[ReportDoc]  # a report from the database: this instead
+
+
+def tool() -> Tool:
+    return {"name": TOOL_NAME, "version": __version__}
+
+
+def scan_document(*, scan_id: int, started_at: datetime, finished_at: datetime,
+                  clusters: Iterable[ClusterResult]) -> Document:
+    """The JSON document of one scan (`felixscan scan --format json`)."""
+    return {"schema_version": SCHEMA_VERSION, "tool": tool(), "scan_id": scan_id,
+            "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat(),
+            "clusters": [cluster_json(c, scan_id=scan_id) for c in clusters]}
+
+
+def cluster_json(c: ClusterResult, *, scan_id: int = 0) -> ClusterDoc:
+    """One cluster of a scan. A superset of what `scan --json` printed before schema 1.0."""
+    declared = c.declared
+    return {
+        "name": c.cluster,
+        "status": c.status,
+        "install": c.install,
+        "declared": {"enabled": declared.enabled, "source": declared.source,
+                     "port": declared.port, "host": declared.host}
+        if declared else {"enabled": None, "source": None, "port": None, "host": None},
+        "declared_detail": {"loopback_only": declared.loopback_only,
+                            "random_port": declared.random_port, "tls": declared.tls,
+                            "client_auth": declared.client_auth,
+                            "felix_version": declared.felix_version,
+                            "reason": declared.reason} if declared else None,
+        "nodes": [_node_json(n) for n in c.nodes],
+        "findings": [_finding_json(f.id, severity=f.severity, node=f.node, message=f.message,
+                                   fix=f.remediation, evidence=f.evidence)
+                     for f in c.findings],
+        "error": c.error,
+        "timings": {k: round(v, 3) for k, v in c.timings.items()},
+        "totals": _totals(n.verdict for n in c.nodes),
+        "scan": {"scan_id": scan_id, "started_at": c.started_at.isoformat(),
+                 "finished_at": c.finished_at.isoformat()},
+    }
+
+
+def _node_json(n: NodeResult) -> NodeDoc:
+    return {"name": n.node, "address": n.address, "port": n.port, "state": n.probe.state,
+            "protocol": n.probe.protocol, "felix": n.probe.felix, "verdict": n.verdict,
+            "declared_enabled": n.declared.enabled, "declared_source": n.declared.source,
+            "declared_host": n.declared.host, "declared_reason": n.declared.reason,
+            "pod": n.declared.pod, "pod_current": n.pod_current, "error": n.probe.error,
+            "addresses": [{"address": p.address, "state": p.state, "protocol": p.protocol,
+                           "felix": p.felix} for p in n.probes]}
+
+
+def _finding_json(rule_id: str, *, severity: str, node: str | None, message: str, fix: str,
+                  evidence: Mapping[str, Any]) -> FindingDoc:
+    rule = RULES.get(rule_id)
+    return {"id": rule_id, "severity": severity, "node": node, "message": message,
+            "title": rule.title if rule else rule_id,
+            "fix": fix or (rule.remediation if rule else ""),
+            "evidence": _plain(evidence)}
+
+
+def _totals(verdicts: Iterable[str]) -> TotalsDoc:
+    totals: TotalsDoc = {"nodes": 0, "pass": 0, "fail": 0, "unknown": 0}
+    for v in verdicts:
+        totals["nodes"] += 1
+        if v == "pass":
+            totals["pass"] += 1
+        elif v == "fail":
+            totals["fail"] += 1
+        else:
+            totals["unknown"] += 1
+    return totals
+
+
+def report_document(data: ReportData, *, sha256: str) -> Document:
+    """The JSON document of a report from the database: each cluster's latest scan in the
+    period, with the report's period, scans and data hash (the one the PDF prints)."""
+    return {"schema_version": SCHEMA_VERSION, "tool": tool(),
+            "report": {"title": data.title, "generated_at": _iso(data.generated_at),
+                       "since": data.since.isoformat(), "until": data.until.isoformat(),
+                       "sha256": sha256, "scan_ids": list(data.scan_ids),
+                       "not_scanned": list(data.not_scanned), "emulated": data.emulated},
+            "clusters": [_report_cluster(c) for c in data.clusters]}
+
+
+def _report_cluster(c: ClusterReport) -> ClusterDoc:
+    d = c.declared
+    host = d.get("host")
+    detail = {"loopback_only": isinstance(host, str) and (
+                  host.lower() in ("localhost", "::1", "[::1]") or host.startswith("127.")),
+              "random_port": c.declared_port == 0, "tls": bool(d.get("tls")),
+              "client_auth": d.get("client_auth"), "felix_version": d.get("felix_version"),
+              "reason": d.get("reason")} if d else None
+    return {
+        "name": c.name,
+        "status": c.status,
+        "install": c.install,
+        "declared": {"enabled": c.declared_enabled, "source": c.declared_source,
+                     "port": c.declared_port, "host": host},
+        "declared_detail": detail,
+        "nodes": [_report_node(n) for n in c.nodes],
+        "findings": [_finding_json(f.id, severity=f.severity, node=f.node, message=f.message,
+                                   fix=f.remediation, evidence=f.evidence)
+                     for f in c.findings],
+        "error": c.error,
+        # The stored counts: they outlive the node rows that retention prunes.
+        "totals": {"nodes": c.nodes_total, "pass": c.nodes_pass, "fail": c.nodes_fail,
+                   "unknown": c.nodes_unknown},
+        "scan": {"scan_id": c.latest.scan_id, "started_at": _iso(c.latest.started_at),
+                 "finished_at": _iso(c.latest.finished_at)},
+        "nodes_pruned_at": _iso(c.nodes_pruned_at) if c.nodes_pruned_at else None,
+    }
+
+
+def _report_node(n: NodeRow) -> NodeDoc:
+    probed = n.addresses or [{"address": n.address, "state": n.state,
+                              "protocol": n.protocol, "felix": n.felix}]
+    return {"name": n.name, "address": n.address, "port": n.port, "state": n.state,
+            "protocol": n.protocol, "felix": n.felix, "verdict": n.verdict,
+            "declared_enabled": n.declared_enabled, "declared_source": n.declared_source,
+            "declared_host": n.declared_host, "pod_current": n.pod_current, "error": n.error,
+            "addresses": [{"address": a.get("address"), "state": str(a.get("state")),
+                           "protocol": a.get("protocol"), "felix": a.get("felix")}
+                          for a in probed]}
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of `Document` (draft 2020-12), shipped in the package."""
+    text = resources.files("reports.schemas").joinpath(SCHEMA_RESOURCE).read_text("utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+# --- encoders ------------------------------------------------------------------------------
+
+
+def encode(doc: Document, fmt: str) -> str:
+    """`doc` as `fmt`: json, sarif, junit, ocsf or csv (text needs the scan: `scan_text`)."""
+    encoders: dict[str, Callable[[Document], str]] = {
+        "json": to_json, "sarif": to_sarif, "junit": to_junit, "ocsf": to_ocsf,
+        "csv": to_csv}
+    if fmt not in encoders:
+        raise ValueError(f"unknown output format {fmt!r}; use one of {', '.join(encoders)}")
+    return encoders[fmt](doc)
+
+
+def render_scan(fmt: str, *, scan_id: int, started_at: datetime, finished_at: datetime,
+                clusters: Sequence[ClusterResult]) -> str:
+    """What `felixscan scan --format FMT` prints for one scan."""
+    if fmt == "text":
+        return scan_text(clusters)
+    return encode(scan_document(scan_id=scan_id, started_at=started_at,
+                                finished_at=finished_at, clusters=clusters), fmt)
+
+
+def write_output(path: str | os.PathLike[str], text: str) -> int:
+    """Write `text` to `path` atomically (a reader sees the old file or the new one, never half
+    of one); the bytes written. A new file gets the mode a shell redirect would give it, an
+    existing one keeps its mode."""
+    target = Path(path)
+    data = text.encode("utf-8")
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = None
+    tmp = target.resolve().parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(data)
+
+
+def to_json(doc: Document) -> str:
+    return json.dumps(doc, indent=2, default=_jsonable) + "\n"
+
+
+def scan_text(clusters: Iterable[ClusterResult]) -> str:
+    """The console summary: one paragraph per cluster."""
+    return "".join(summary_line(c) + "\n" for c in clusters)
+
+
+def summary_line(c: ClusterResult) -> str:
+    counts = {v: sum(1 for n in c.nodes if n.verdict == v) for v in ("pass", "fail", "unknown")}
+    head = f"{c.cluster}: {c.status.upper().replace('_', '-')}"
+    if c.status == "error" and not c.nodes:
+        return f"{head} ({c.error})"
+    declared = c.declared
+    state = ("unknown" if declared is None or declared.enabled is None
+             else "enabled" if declared.enabled else "disabled")
+    source = f" by {declared.source}" if declared else ""
+    line = (f"{head} [{c.install}] metrics {state}{source}; nodes: {len(c.nodes)} "
+            f"({counts['pass']} pass, {counts['fail']} fail, {counts['unknown']} unknown)")
+    worst = [f for f in c.findings if f.severity in ("critical", "high")][:3]
+    for f in worst:
+        line += f"\n  {f.severity.upper()} {f.id}{' ' + f.node if f.node else ''}: {f.message}"
+    if len([f for f in c.findings if f.severity in ("critical", "high")]) > 3:
+        line += "\n  ... (--json for every finding)"
+    if c.error:
+        line += f"\n  {c.error}"
+    return line
+
+
+# SARIF 2.1.0 -------------------------------------------------------------------------------
+
+
+def to_sarif(doc: Document) -> str:
+    """One run: the felixscan driver with one rule per finding ID, one result per finding,
+    located logically at cluster or cluster/node."""
+    rule_ids = list(RULES)
+    rule_ids += sorted({f["id"] for c in doc["clusters"] for f in c["findings"]} - set(RULES))
+    rule_index = {rule_id: i for i, rule_id in enumerate(rule_ids)}
+    rules = [_sarif_rule(rule_id, doc) for rule_id in rule_ids]
+
+    locations: list[dict[str, Any]] = []
+    location_index: dict[tuple[str, str | None], int] = {}
+
+    def logical(cluster: str, node: str | None) -> int:
+        key = (cluster, node)
+        if key not in location_index:
+            parent = logical(cluster, None) if node is not None else None
+            entry: dict[str, Any] = {
+                "name": node if node is not None else cluster,
+                "fullyQualifiedName": f"{cluster}/{node}" if node is not None else cluster,
+                "kind": "node" if node is not None else "cluster"}
+            if parent is not None:
+                entry["parentIndex"] = parent
+            location_index[key] = len(locations)
+            locations.append(entry)
+        return location_index[key]
+
+    results: list[dict[str, Any]] = []
+    for c in doc["clusters"]:
+        verdicts = {n["name"]: n["verdict"] for n in c["nodes"]}
+        for f in c["findings"]:
+            index = logical(c["name"], f["node"])
+            where = locations[index]
+            props: dict[str, Any] = {"cluster": c["name"], "node": f["node"],
+                                     "severity": f["severity"], "title": f["title"],
+                                     "fix": f["fix"], "evidence": f["evidence"],
+                                     "scan_id": c["scan"]["scan_id"]}
+            if f["node"] is not None:
+                props["verdict"] = verdicts.get(f["node"])
+            else:
+                props["cluster_status"] = c["status"]
+            results.append({
+                "ruleId": f["id"],
+                "ruleIndex": rule_index[f["id"]],
+                "level": _SARIF_LEVEL.get(f["severity"], "warning"),
+                "message": {"text": f["message"]},
+                "locations": [{"logicalLocations": [{
+                    "index": index, "name": where["name"],
+                    "fullyQualifiedName": where["fullyQualifiedName"],
+                    "kind": where["kind"]}]}],
+                "partialFingerprints": {"felixscanFinding/v1": _fingerprint(c["name"], f)},
+                "properties": props,
+            })
+
+    run: dict[str, Any] = {
+        "tool": {"driver": {"name": TOOL_NAME, "version": doc["tool"]["version"],
+                            "rules": rules}},
+        "results": results,
+        "properties": _run_properties(doc),
+    }
+    if locations:
+        run["logicalLocations"] = locations
+    if "scan_id" in doc:
+        errors = [c for c in doc["clusters"] if c["status"] == "error"]
+        run["invocations"] = [{
+            "executionSuccessful": not errors,
+            "startTimeUtc": _utc(doc["started_at"]),
+            "endTimeUtc": _utc(doc["finished_at"]),
+            "toolExecutionNotifications": [
+                {"level": "error", "message": {"text": f"{c['name']}: {c['error']}"}}
+                for c in errors],
+        }]
+    log = {"$schema": SARIF_SCHEMA_URI, "version": "2.1.0", "runs": [run]}
+    return json.dumps(log, indent=2, default=_jsonable) + "\n"
+
+
+def _sarif_rule(rule_id: str, doc: Document) -> dict[str, Any]:
+    rule = RULES.get(rule_id)
+    if rule is None:  # an ID stored by another felixscan version: describe it by its findings
+        found = next(f for c in doc["clusters"] for f in c["findings"] if f["id"] == rule_id)
+        title, fix, severity = found["title"], found["fix"], found["severity"]
+    else:
+        title, fix, severity = rule.title, rule.remediation, rule.severity
+    entry: dict[str, Any] = {
+        "id": rule_id,
+        "name": "".join(part.capitalize() for part in rule_id.split("-")),
+        "shortDescription": {"text": title},
+        "fullDescription": {"text": f"{title}. Control: {CONTROL_TEXT}."},
+        "help": {"text": fix, "markdown": fix},
+        "defaultConfiguration": {"level": _SARIF_LEVEL.get(severity, "warning")},
+        "properties": {"severity": severity, "tags": ["security", "compliance", "calico"],
+                       "security-severity": _SECURITY_SEVERITY.get(severity, "5.5")},
+    }
+    return entry
+
+
+def _run_properties(doc: Document) -> dict[str, Any]:
+    props: dict[str, Any] = {"schema_version": doc["schema_version"], "clusters": [
+        {"name": c["name"], "status": c["status"], "install": c["install"],
+         "error": c["error"], "totals": c["totals"], "scan": c["scan"]}
+        for c in doc["clusters"]]}
+    if "scan_id" in doc:
+        props["scan_id"] = doc["scan_id"]
+    if "report" in doc:
+        props["report"] = doc["report"]
+    return props
+
+
+def _fingerprint(cluster: str, f: FindingDoc) -> str:
+    """Stable across scans for the same issue at the same place (for de-duplication)."""
+    port = f["evidence"].get("port") if f["node"] is not None else None
+    key = "\0".join((cluster, f["node"] or "", f["id"], "" if port is None else str(port)))
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+# JUnit XML ---------------------------------------------------------------------------------
+
+
+def to_junit(doc: Document) -> str:
+    """A testsuite per cluster; a testcase `cluster` for the cluster's own state, then one per
+    node: <failure> for fail, <error> for unknown (never <skipped>: a check that could not run
+    must not read as green), nothing for pass."""
+    root = ET.Element("testsuites", name=TOOL_NAME)
+    totals = {"tests": 0, "failures": 0, "errors": 0}
+    for c in doc["clusters"]:
+        suite = _junit_suite(c)
+        root.append(suite)
+        for key in totals:
+            totals[key] += int(suite.get(key, "0"))
+    for key, value in totals.items():
+        root.set(key, str(value))
+    root.set("skipped", "0")
+    ET.indent(root)
+    body = ET.tostring(root, encoding="unicode")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
+
+
+def _junit_suite(c: ClusterDoc) -> ET.Element:
+    started = _parse_time(c["scan"]["started_at"])
+    finished = _parse_time(c["scan"]["finished_at"])
+    suite = ET.Element("testsuite", name=_xml(c["name"]),
+                       # the JUnit schema's timestamp has no zone: UTC
+                       timestamp=started.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+                       if started else "",
+                       time=f"{max((finished - started).total_seconds(), 0):.3f}"
+                       if started and finished else "0")
+    properties = ET.SubElement(suite, "properties")
+    declared = c["declared"]
+    for name, value in (("status", c["status"]), ("install", c["install"]),
+                        ("scan_id", c["scan"]["scan_id"]),
+                        ("started_at", c["scan"]["started_at"]),
+                        ("declared_enabled", declared["enabled"]),
+                        ("declared_source", declared["source"]),
+                        ("declared_port", declared["port"])):
+        ET.SubElement(properties, "property", name=name,
+                      value=_xml("" if value is None else str(value).lower()
+                                 if isinstance(value, bool) else str(value)))
+
+    by_node: dict[str | None, list[FindingDoc]] = {}
+    for f in c["findings"]:
+        by_node.setdefault(f["node"], []).append(f)
+    classname = _xml(f"{TOOL_NAME}.{c['name']}")
+    failures = errors = 0
+
+    case = ET.SubElement(suite, "testcase", name="cluster", classname=classname)
+    own = by_node.get(None, [])
+    failing = [f for f in own if f["severity"] != "info"]
+    if c["status"] == "error":
+        _junit_result(case, "error", c["error"] or "the cluster could not be scanned",
+                      "CLUSTER-SCAN-FAILED", own)
+        errors += 1
+    elif c["status"] == "non_compliant" and failing:
+        # Informational findings ride along in the text but never make the case fail.
+        _junit_result(case, "failure", _headline(failing), _types(failing), own)
+        failures += 1
+    elif own:
+        ET.SubElement(case, "system-out").text = _xml(_finding_text(own))
+
+    for n in c["nodes"]:
+        case = ET.SubElement(suite, "testcase", name=_xml(n["name"]), classname=classname)
+        mine = by_node.get(n["name"], [])
+        if n["verdict"] == "fail":
+            message = _headline(mine) if mine else (
+                f"verdict fail: metrics declared "
+                f"{'enabled' if n['declared_enabled'] else 'disabled'} "
+                f"({n['declared_source']}), port {n['port']} {n['state']}")
+            _junit_result(case, "failure", message, _types(mine) or "fail", mine, node=n)
+            failures += 1
+        elif n["verdict"] != "pass":
+            reason = next((f["message"] for f in mine if f["id"] == "NODE-NOT-VERIFIED"),
+                          None) or n["error"] or n.get("declared_reason") or (
+                f"not verified: declared {n['declared_source']}, port {n['state']}")
+            _junit_result(case, "error", reason, _types(mine) or "unknown", mine, node=n)
+            errors += 1
+        elif mine:
+            ET.SubElement(case, "system-out").text = _xml(_finding_text(mine))
+    suite.set("tests", str(len(c["nodes"]) + 1))
+    suite.set("failures", str(failures))
+    suite.set("errors", str(errors))
+    suite.set("skipped", "0")
+    return suite
+
+
+def _junit_result(case: ET.Element, tag: str, message: str, kind: str,
+                  findings: Sequence[FindingDoc], *, node: NodeDoc | None = None) -> None:
+    element = ET.SubElement(case, tag, message=_xml(message), type=_xml(kind))
+    text = _finding_text(findings)
+    if node is not None:
+        text = _probe_text(node) + ("\n\n" + text if text else "")
+    element.text = _xml(text)
+
+
+def _probe_text(node: NodeDoc) -> str:
+    declared = node["declared_enabled"]
+    said = "unknown" if declared is None else "enabled" if declared else "disabled"
+    served = "" if node["felix"] is None else " (Felix)" if node["felix"] else " (not Felix)"
+    text = (f"probe: {node['address'] or '(no address)'} port {node['port']}: {node['state']}"
+            f"{' ' + node['protocol'] if node['protocol'] else ''}{served}; declared {said} "
+            f"by {node['declared_source']}")
+    return text + (f"; error: {node['error']}" if node["error"] else "")
+
+
+def _headline(findings: Sequence[FindingDoc]) -> str:
+    worst = min(findings, key=lambda f: _SEVERITIES.index(f["severity"])
+                if f["severity"] in _SEVERITIES else len(_SEVERITIES))
+    more = f" (+{len(findings) - 1} more)" if len(findings) > 1 else ""
+    return f"{worst['id']}: {worst['message']}{more}"
+
+
+def _types(findings: Sequence[FindingDoc]) -> str:
+    return " ".join(dict.fromkeys(f["id"] for f in findings))
+
+
+def _finding_text(findings: Sequence[FindingDoc]) -> str:
+    blocks = []
+    for f in findings:
+        blocks.append(f"[{f['severity'].upper()}] {f['id']}: {f['message']}\n"
+                      f"Fix: {f['fix']}\n"
+                      f"Evidence: {json.dumps(f['evidence'], sort_keys=True, default=_jsonable)}")
+    return "\n\n".join(blocks)
+
+
+def _xml(text: str) -> str:
+    """Text XML 1.0 can carry: characters it forbids are shown as \\xNN."""
+    return _XML_ILLEGAL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+# OCSF --------------------------------------------------------------------------------------
+
+
+def to_ocsf(doc: Document) -> str:
+    """A JSON array of OCSF Compliance Finding events (class 2003), one per finding, one
+    event per line."""
+    events = [json.dumps(e, default=_jsonable, separators=(",", ":")) for e in ocsf_events(doc)]
+    if not events:
+        return "[]\n"
+    return "[\n" + ",\n".join(events) + "\n]\n"
+
+
+def ocsf_events(doc: Document) -> list[dict[str, Any]]:
+    out = []
+    for c in doc["clusters"]:
+        nodes = {n["name"]: n for n in c["nodes"]}
+        started = _epoch_ms(c["scan"]["started_at"])
+        finished = _epoch_ms(c["scan"]["finished_at"])
+        for i, f in enumerate(c["findings"]):
+            out.append(_ocsf_event(doc, c, f, nodes.get(f["node"] or ""), i,
+                                   started=started, finished=finished))
+    return out
+
+
+def _ocsf_event(doc: Document, c: ClusterDoc, f: FindingDoc, node: NodeDoc | None, i: int, *,
+                started: int, finished: int) -> dict[str, Any]:
+    severity_id, severity = _OCSF_SEVERITY.get(f["severity"], (99, "Other"))
+    outcome = node["verdict"] if node is not None else c["status"]
+    status_id, status = _OCSF_STATUS.get(outcome, (0, "Unknown"))
+    scan_id = c["scan"]["scan_id"]
+    resource: dict[str, Any]
+    if f["node"] is None:
+        resource = {"type": "Kubernetes Cluster", "name": c["name"], "uid": c["name"],
+                    "data": {"status": c["status"], "install": c["install"],
+                             "totals": dict(c["totals"])}}
+    else:
+        resource = {"type": "Kubernetes Node", "name": f["node"],
+                    "uid": f"{c['name']}/{f['node']}", "group": {"name": c["name"]}}
+        if node is not None:
+            resource["data"] = {"address": node["address"], "port": node["port"],
+                                "state": node["state"], "verdict": node["verdict"]}
+    event: dict[str, Any] = {
+        "activity_id": 1,
+        "activity_name": "Create",
+        "category_uid": 2,
+        "category_name": "Findings",
+        "class_uid": 2003,
+        "class_name": "Compliance Finding",
+        "type_uid": 200301,
+        "type_name": "Compliance Finding: Create",
+        "time": finished,
+        "start_time": started,
+        "end_time": finished,
+        "timezone_offset": 0,
+        "severity_id": severity_id,
+        "severity": severity,
+        "status_id": 1,
+        "status": "New",
+        "message": f["message"],
+        "metadata": {
+            "version": OCSF_VERSION,
+            "product": {"name": TOOL_NAME, "vendor_name": TOOL_NAME,
+                        "version": doc["tool"]["version"]},
+            "uid": f"{scan_id}/{c['name']}/{i}",
+            "correlation_uid": str(scan_id),
+            "event_code": f["id"],
+        },
+        "finding_info": {
+            "uid": _fingerprint(c["name"], f),
+            "title": f["title"],
+            "desc": f["message"],
+            "types": [f["id"]],
+            "created_time": finished,
+        },
+        "compliance": {
+            "control": CONTROL,
+            "desc": CONTROL_TEXT,
+            "standards": [f"{TOOL_NAME} {CONTROL}"],
+            "status_id": status_id,
+            "checks": [{"uid": f["id"], "name": f["title"], "severity": severity,
+                        "severity_id": severity_id, "status": status,
+                        "status_id": status_id}],
+        },
+        "remediation": {"desc": f["fix"]},
+        "resources": [resource],
+    }
+    if f["evidence"]:
+        event["evidences"] = [{"name": f["id"], "data": f["evidence"], "verdict_id": 0}]
+    return event
+
+
+# CSV ---------------------------------------------------------------------------------------
+
+
+def to_csv(doc: Document) -> str:
+    """One row per finding; cells a spreadsheet would run as a formula are neutralised the way
+    `felixscan trend --format csv` does it. Rows end in CRLF (RFC 4180), which also makes the
+    writer quote a cell holding a lone CR (with "\\n" lines it would not, and a reader would
+    split the row there)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for c in doc["clusters"]:
+        for f in c["findings"]:
+            writer.writerow([csv_cell(v) for v in (c["name"], f["node"], f["id"],
+                                                    f["severity"], f["title"], f["message"],
+                                                    f["fix"])])
+    return buffer.getvalue()
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """Evidence as plain JSON values (mappings and tuples from the records included)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return str(value)
+
+
+def _iso(value: datetime) -> str:
+    """ISO 8601 with its offset; a time read back without one (SQLite) is UTC."""
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).isoformat()
+
+
+def _parse_time(text: str) -> datetime | None:
+    """An ISO time of the document; one without an offset is UTC (every stored time is)."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _utc(text: str) -> str:
+    """RFC 3339 UTC with a Z, as SARIF asks for its times."""
+    parsed = _parse_time(text)
+    return text if parsed is None else \
+        parsed.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _epoch_ms(text: str) -> int:
+    parsed = _parse_time(text)
+    return int(parsed.timestamp() * 1000) if parsed else 0

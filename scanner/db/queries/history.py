@@ -1,0 +1,415 @@
+"""The read side of the results database: the data a compliance report is made of.
+
+`load_report` turns stored scans into plain frozen dataclasses (`ReportData`) that the
+templates in `reports/` render and that `reports.integrity` hashes. Besides `scanner.db.store`,
+this is the only module that opens SQLAlchemy sessions.
+
+Definitions the report relies on (all dates and days are UTC):
+
+* period: `since` 00:00 to `until` 24:00, both days inclusive;
+* day point: the last scan of that day, as the `daily_cluster_summary` rollup records it;
+  the ratio is pass nodes / nodes scanned;
+* latest scan of a cluster: the scan of its last day point in the period;
+* previous scan: the cluster's last scan before the latest one that probed at least one node,
+  whether or not it lies inside the period;
+* changes (by node name, previous -> latest): *new* = absent from the previous scan,
+  *removed* = absent from the latest, *fixed* = fail/unknown -> pass,
+  *regressed* = pass -> fail/unknown, *other* = fail <-> unknown.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from scanner import __version__
+from scanner.core.errors import ReportError, StoreError
+from scanner.db.models import ClusterScan, DailyClusterSummary, FindingRow, NodeProbe, ScanRun
+from scanner.db.store import Store, redact_url
+
+REPORT_TITLE = "Calico Felix metrics endpoint compliance report"
+VERDICT_ORDER = {"fail": 0, "unknown": 1, "pass": 2}
+SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3, "info": 4}
+
+
+# --- the report data -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRef:
+    """Which stored scan a piece of the report comes from."""
+
+    scan_id: int  # ScanRun.id: the `scan_id` that `felixscan scan --json` prints
+    cluster_scan_id: int
+    started_at: datetime
+    finished_at: datetime
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    """One node of the latest scan: what was probed, what answered, and the verdict."""
+
+    name: str
+    address: str | None
+    port: int
+    state: str
+    protocol: str | None
+    felix: bool | None
+    http_status: int | None
+    verdict: str
+    declared_enabled: bool | None
+    declared_source: str | None
+    pod_current: bool | None
+    node_ready: bool | None
+    tls_version: str | None
+    tls_subject: str | None
+    tls_issuer: str | None
+    tls_self_signed: bool | None
+    tls_not_after: datetime | None
+    tls_sha256: str | None
+    felix_host: str | None
+    error: str | None
+    addresses: list[dict[str, Any]] | None = None  # every address probed, when more than one
+    declared_host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FindingItem:
+    id: str
+    severity: str
+    node: str | None
+    message: str
+    evidence: Mapping[str, Any]
+    remediation: str
+
+
+@dataclass(frozen=True, slots=True)
+class DayPoint:
+    """One day of the trend: the counts of the last scan of that day."""
+
+    day: date
+    scan_id: int
+    cluster_scan_id: int
+    status: str
+    nodes: int
+    passing: int
+    failing: int
+    unknown: int
+    ratio: float | None  # passing / nodes; None when no node was scanned (an error scan)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeChange:
+    node: str
+    before: str | None  # verdict in the previous scan; None: the node was not there
+    after: str | None  # verdict in the latest scan; None: the node is gone
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed per node between the previous scan and the latest one."""
+
+    previous: ScanRef
+    new: tuple[NodeChange, ...]
+    removed: tuple[NodeChange, ...]
+    fixed: tuple[NodeChange, ...]
+    regressed: tuple[NodeChange, ...]
+    other: tuple[NodeChange, ...]  # fail <-> unknown: still not passing, differently
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """How the latest scan was made, as recorded with it."""
+
+    scanner_host: str  # where the probes came from
+    tool_version: str
+    trigger: str
+    probe: Mapping[str, Any]  # probe settings (timeouts, address type) when the scan stored them
+    timings: Mapping[str, Any]  # seconds spent on the API, probing, storing
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterReport:
+    name: str
+    latest: ScanRef
+    install: str
+    status: str  # compliant, non_compliant, error
+    error: str | None
+    declared_enabled: bool | None
+    declared_source: str | None
+    declared_port: int | None
+    declared: Mapping[str, Any]  # port source, reason for unknown, TLS, as stored
+    namespace: str | None
+    daemonset: str | None
+    image: str | None
+    rollout: Mapping[str, Any] | None
+    configuration: Mapping[str, Any]  # Felix env, FelixConfigurations, Installation, config file
+    nodes_total: int
+    nodes_pass: int
+    nodes_fail: int
+    nodes_unknown: int
+    nodes: tuple[NodeRow, ...]  # failing first, then unknown, then passing; natural name order
+    nodes_pruned_at: datetime | None  # retention removed the node rows (the counts remain)
+    findings: tuple[FindingItem, ...]  # worst first
+    series: tuple[DayPoint, ...]
+    changes: Changes | None
+    changes_note: str | None  # why there are no changes to show, when `changes` is None
+    method: Method
+
+
+@dataclass(frozen=True, slots=True)
+class ReportData:
+    """Everything a report shows; `reports.integrity.canonical_json` hashes exactly this."""
+
+    title: str
+    generated_at: datetime
+    tool_version: str  # the felixscan that made the report
+    database: str  # the database URL without its password
+    since: date
+    until: date
+    clusters: tuple[ClusterReport, ...]
+    not_scanned: tuple[str, ...]  # clusters asked for by name with no scan in the period
+    scan_ids: tuple[int, ...]  # every ScanRun.id the report draws on
+    # Every scan drawn on came from `felixscan demo`: emulated clusters, not a real fleet.
+    emulated: bool = False
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_report(source: Store | sessionmaker[Session] | Engine, *,
+                clusters: Sequence[str] = (), since: date | None = None,
+                until: date | None = None, now: datetime | None = None) -> ReportData:
+    """The report data for `clusters` (all when empty) over `since`..`until` (UTC days).
+
+    `since` defaults to the day of the first scan of those clusters, `until` to today.
+    Raises ReportError for an unknown cluster, an inverted or empty period, StoreError when
+    the database cannot be read.
+    """
+    sessions, database = _sessions(source)
+    try:
+        return _load(sessions, database, clusters=clusters, since=since, until=until, now=now)
+    except (OperationalError, DBAPIError) as exc:
+        raise StoreError(f"cannot read database {database}: {exc.orig or exc} (is its schema "
+                         "current? `felixscan db upgrade`)") from exc
+
+
+def _load(sessions: sessionmaker[Session], database: str, *, clusters: Sequence[str],
+          since: date | None, until: date | None, now: datetime | None) -> ReportData:
+    generated_at = (now or datetime.now(UTC)).astimezone(UTC)
+    until = until or generated_at.date()
+    wanted = tuple(dict.fromkeys(clusters))  # keep the caller's order, drop repeats
+    with sessions() as s:
+        # Every row read below is committed and never changed afterwards except the day
+        # rollups, and each query after the first is keyed by the scan ids the rollup gave,
+        # so the queries agree with each other without a repeatable-read transaction.
+        known = set(s.scalars(select(DailyClusterSummary.cluster).distinct()))
+        if not known:
+            raise ReportError(f"the database {database} holds no scans yet; run "
+                              "`felixscan scan` first")
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise ReportError(
+                f"unknown cluster{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(repr(n) for n in unknown)}; the database has scans of: "
+                f"{_preview(sorted(known))}")
+        names = sorted(wanted or known)
+        if since is None:
+            since = s.scalar(select(func.min(DailyClusterSummary.day))
+                             .where(DailyClusterSummary.cluster.in_(names))) or until
+        if since > until:
+            raise ReportError(f"the period is empty: --since {since} is after --until {until}")
+
+        reports: list[ClusterReport] = []
+        not_scanned: list[str] = []
+        for name in names:
+            report = _cluster(s, name, since, until)
+            if report is not None:
+                reports.append(report)
+            elif wanted:
+                not_scanned.append(name)
+    if not reports:
+        which = ", ".join(names) if wanted else "any cluster"
+        raise ReportError(f"no scans of {which} between {since} and {until} (UTC, inclusive); "
+                          "choose another --since/--until")
+    scan_ids = sorted({ref for r in reports for ref in _scan_ids(r)})
+    with sessions() as s:
+        triggers = set(s.scalars(select(ScanRun.trigger).where(ScanRun.id.in_(scan_ids))
+                                 .distinct()))
+    return ReportData(title=REPORT_TITLE, generated_at=generated_at, tool_version=__version__,
+                      database=database, since=since, until=until, clusters=tuple(reports),
+                      not_scanned=tuple(not_scanned), scan_ids=tuple(scan_ids),
+                      emulated=triggers == {"demo"})
+
+
+def _sessions(source: Store | sessionmaker[Session] | Engine) -> tuple[sessionmaker[Session], str]:
+    if isinstance(source, Store):
+        return source.sessions, redact_url(source.url)
+    if isinstance(source, Engine):
+        return sessionmaker(source), source.url.render_as_string(hide_password=True)
+    bind = source.kw.get("bind")
+    url = bind.url.render_as_string(hide_password=True) if isinstance(bind, Engine) else "?"
+    return source, url
+
+
+# Explicit columns rather than whole ORM rows: a report reads what it shows, and keeps working
+# when later migrations add columns it does not need.
+_SCAN_COLUMNS = (ClusterScan.id, ClusterScan.run_id, ClusterScan.started_at,
+                 ClusterScan.finished_at, ClusterScan.status, ClusterScan.pruned_at)
+
+
+def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport | None:
+    # The trend comes from the day rollup written with every scan (the last scan of each day):
+    # a year costs 365 small rows, never a snapshot or a node probe.
+    d = DailyClusterSummary
+    rows = s.execute(
+        select(d.day, d.last_cluster_scan_id, ClusterScan.run_id, d.status, d.nodes, d.passing,
+               d.failing, d.unknown)
+        .join(ClusterScan, ClusterScan.id == d.last_cluster_scan_id)
+        .where(d.cluster == name, d.day >= since, d.day <= until)
+        .order_by(d.day)).all()
+    if not rows:
+        return None
+    series = tuple(
+        DayPoint(day=r.day, scan_id=r.run_id, cluster_scan_id=r.last_cluster_scan_id,
+                 status=r.status, nodes=r.nodes, passing=r.passing, failing=r.failing,
+                 unknown=r.unknown, ratio=r.passing / r.nodes if r.nodes else None)
+        for r in rows)
+
+    c = ClusterScan
+    latest_row = s.execute(
+        select(*_SCAN_COLUMNS, c.install, c.error, c.declared_enabled, c.declared_source,
+               c.declared_port, c.namespace, c.daemonset, c.image, c.nodes_total, c.nodes_pass,
+               c.nodes_fail, c.nodes_unknown, c.snapshot, c.timings, ScanRun.scanner_host,
+               ScanRun.tool_version, ScanRun.trigger)
+        .join(ScanRun, ScanRun.id == c.run_id)
+        .where(c.id == series[-1].cluster_scan_id)).one()
+    latest = _ref(latest_row)
+    nodes = _nodes(s, latest_row.id)
+    previous_row = s.execute(
+        select(*_SCAN_COLUMNS)
+        .where(c.cluster == name, c.nodes_total > 0, c.started_at < latest_row.started_at)
+        .order_by(c.started_at.desc(), c.id.desc()).limit(1)).first()
+    changes, note = None, None
+    if not nodes:
+        note = (f"the node results of this scan were removed by retention on "
+                f"{latest_row.pruned_at:%Y-%m-%d}" if latest_row.pruned_at
+                else "the latest scan probed no node")
+    elif previous_row is None:
+        note = "no earlier scan of this cluster probed any node"
+    elif previous_row.pruned_at is not None:
+        note = (f"the node results of the previous scan ({previous_row.run_id}) were removed "
+                f"by retention on {previous_row.pruned_at:%Y-%m-%d}")
+    else:
+        before = {node: verdict for node, verdict in s.execute(
+            select(NodeProbe.node, NodeProbe.verdict)
+            .where(NodeProbe.cluster_scan_id == previous_row.id))}
+        changes = _changes(_ref(previous_row), before, nodes)
+
+    snap: Mapping[str, Any] = latest_row.snapshot or {}
+    findings = [
+        FindingItem(id=f.finding_id, severity=f.severity, node=f.node, message=f.message,
+                    evidence=f.evidence or {}, remediation=f.remediation or "")
+        for f in s.execute(select(FindingRow.finding_id, FindingRow.severity, FindingRow.node,
+                                  FindingRow.message, FindingRow.evidence,
+                                  FindingRow.remediation)
+                           .where(FindingRow.cluster_scan_id == latest_row.id)
+                           .order_by(FindingRow.id))]
+    findings.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.id,
+                                 natural_key(f.node or "")))
+    return ClusterReport(
+        name=name, latest=latest, install=latest_row.install, status=latest_row.status,
+        error=latest_row.error, declared_enabled=latest_row.declared_enabled,
+        declared_source=latest_row.declared_source, declared_port=latest_row.declared_port,
+        declared=snap.get("declared") or {}, namespace=latest_row.namespace,
+        daemonset=latest_row.daemonset, image=latest_row.image, rollout=snap.get("rollout"),
+        configuration={k: snap.get(k) for k in ("env", "felix_configurations", "installation",
+                                                "config_file", "container", "felix_crd",
+                                                "pods", "nodes") if k in snap},
+        nodes_total=latest_row.nodes_total, nodes_pass=latest_row.nodes_pass,
+        nodes_fail=latest_row.nodes_fail, nodes_unknown=latest_row.nodes_unknown,
+        nodes=nodes, nodes_pruned_at=latest_row.pruned_at, findings=tuple(findings),
+        series=series, changes=changes, changes_note=note,
+        method=Method(scanner_host=latest_row.scanner_host,
+                      tool_version=latest_row.tool_version, trigger=latest_row.trigger,
+                      probe=snap.get("probe") or {}, timings=latest_row.timings or {}))
+
+
+def _ref(row: Any) -> ScanRef:
+    return ScanRef(scan_id=row.run_id, cluster_scan_id=row.id, started_at=row.started_at,
+                   finished_at=row.finished_at, status=row.status)
+
+
+_NODE_COLUMNS = (NodeProbe.node.label("name"), NodeProbe.address, NodeProbe.port, NodeProbe.state,
+                 NodeProbe.protocol, NodeProbe.felix, NodeProbe.http_status, NodeProbe.verdict,
+                 NodeProbe.declared_enabled, NodeProbe.declared_source, NodeProbe.pod_current,
+                 NodeProbe.node_ready, NodeProbe.tls_version, NodeProbe.tls_subject,
+                 NodeProbe.tls_issuer, NodeProbe.tls_self_signed, NodeProbe.tls_not_after,
+                 NodeProbe.tls_sha256, NodeProbe.felix_host, NodeProbe.error,
+                 NodeProbe.addresses, NodeProbe.declared_host)
+
+
+def _nodes(s: Session, cluster_scan_id: int) -> tuple[NodeRow, ...]:
+    # Plain column tuples, not ORM objects: at 5,000 nodes identity-mapping them costs more
+    # than the query.
+    rows = [NodeRow(**r._mapping) for r in s.execute(
+        select(*_NODE_COLUMNS).where(NodeProbe.cluster_scan_id == cluster_scan_id))]
+    rows.sort(key=lambda n: (VERDICT_ORDER.get(n.verdict, 1), natural_key(n.name), n.port))
+    return tuple(rows)
+
+
+def _changes(previous: ScanRef, before: Mapping[str, str],
+             latest: Iterable[NodeRow]) -> Changes:
+    after: dict[str, str] = {}
+    for n in latest:  # a node probed on several ports counts with its worst verdict
+        if n.name not in after or VERDICT_ORDER.get(n.verdict, 1) < VERDICT_ORDER[after[n.name]]:
+            after[n.name] = n.verdict if n.verdict in VERDICT_ORDER else "unknown"
+    new, fixed, regressed, other = [], [], [], []
+    for name, verdict in after.items():
+        old = before.get(name)
+        change = NodeChange(node=name, before=old, after=verdict)
+        if old is None:
+            new.append(change)
+        elif old != "pass" and verdict == "pass":
+            fixed.append(change)
+        elif old == "pass" and verdict != "pass":
+            regressed.append(change)
+        elif old != verdict:
+            other.append(change)
+    removed = [NodeChange(node=name, before=old, after=None)
+               for name, old in before.items() if name not in after]
+
+    def ordered(items: list[NodeChange]) -> tuple[NodeChange, ...]:
+        return tuple(sorted(items, key=lambda c: natural_key(c.node)))
+
+    return Changes(previous=previous, new=ordered(new), removed=ordered(removed),
+                   fixed=ordered(fixed), regressed=ordered(regressed), other=ordered(other))
+
+
+def _scan_ids(report: ClusterReport) -> Iterable[int]:
+    yield report.latest.scan_id
+    yield from (p.scan_id for p in report.series)
+    if report.changes is not None:
+        yield report.changes.previous.scan_id
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that puts worker-2 before worker-10."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in _DIGITS.split(name) if part)
+
+
+def _preview(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
