@@ -1,9 +1,8 @@
 """HTML and PDF rendering of a report: one set of Jinja2 templates, two outputs.
 
-`render_html` turns `ReportData` (scanner.db.queries.history) into one self-contained HTML page (inline CSS
-and SVG, no JavaScript, nothing fetched); `render_pdf` lays that same HTML out with WeasyPrint
-and embeds the report data. With `reports/` as a whole, the only code importing Jinja2 or
-WeasyPrint.
+`render_html` turns `ReportData` (scanner.db.queries.history) into one self-contained HTML
+page (inline CSS and SVG, no JavaScript, nothing fetched); `render_pdf` lays that same HTML
+out with WeasyPrint and embeds the report data. The only code importing WeasyPrint.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import uvicorn
 
 from reports import verify_pdf
 from reports.cache import ReportCache
-from scanner.app.serve import JobInfo, bind
+from scanner.app.serve import bind
 from scanner.core.evaluate import evaluate, failed_cluster
 from scanner.core.records import (
     ClusterResult,
@@ -37,6 +37,7 @@ from scanner.db.models import RemediationAction
 from scanner.db.runs import record_skipped
 from scanner.db.store import Store
 from scanner.web.app import Auth, create_app, openapi
+from scanner.web.state import JobInfo
 
 TOKEN = "web-test-token-0123456789"
 NOW = datetime.now(UTC).replace(microsecond=0)

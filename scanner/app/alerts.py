@@ -31,6 +31,7 @@ from urllib.parse import quote, urlsplit
 
 from scanner import __version__
 from scanner.core.config import AlertSettings
+from scanner.web.state import AlertHealth
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +223,6 @@ class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
         def connection(host: str, /, **kwargs: Any) -> http.client.HTTPConnection:
             return _WatchedHTTPSConnection(host, deadline=self._deadline, **kwargs)
         return self.do_open(connection, req)
-
-
-@dataclass(frozen=True, slots=True)
-class AlertHealth:
-    """The alert worker's state, for /readyz: `ok`, `stuck` or `stopped`."""
-
-    state: Literal["ok", "stuck", "stopped"]
-    queued: int  # alerts not yet delivered or given up, the one in hand included
-    reason: str | None = None
 
 
 class AlertSender:

@@ -16,12 +16,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from apscheduler.events import (
     EVENT_JOB_MAX_INSTANCES,
@@ -45,6 +45,7 @@ from scanner.db.runs import (
 )
 from scanner.db.store import Store
 from scanner.web.metrics import ScanStats
+from scanner.web.state import JobInfo
 
 if TYPE_CHECKING:
     from scanner.core.records import ClusterResult
@@ -160,19 +161,6 @@ class ServeStore(Store):
 
 
 # --- the scheduler -------------------------------------------------------------------------
-
-
-@dataclass
-class JobInfo:
-    """What the web page shows about a cluster's schedule (in this process)."""
-
-    cluster: str
-    schedule: str
-    timezone: str
-    next_run: datetime | None = None
-    running: bool = False
-    last_started: datetime | None = None
-    last_outcome: str | None = None  # scanned, skipped: ..., failed: ...
 
 
 @dataclass
@@ -536,8 +524,9 @@ def run_serve(settings: Settings, *, listen: str, environ: Mapping[str, str] | N
         cache = ReportCache(settings.serve.report_cache_dir or _default_cache_dir(),
                             entries=settings.serve.report_cache_entries)
         stack.append(cache.close)
-        app = create_app(store=store, auth=auth, schedule=scheduler,
-                         clusters=[c.name for c in settings.clusters], reports=cache,
+        app = create_app(store=store, auth=auth, schedule=scheduler, alerts=alerts,
+                         stats=scheduler.stats, reports=cache,
+                         clusters=[c.name for c in settings.clusters],
                          metrics_auth=metrics_auth if metrics_auth.enabled else None)
         sock = bind(listen)
         stack.append(sock.close)
@@ -619,15 +608,6 @@ def _default_cache_dir() -> Path:
     import tempfile
 
     return Path(tempfile.gettempdir()) / f"felixscan-reports-{os.getuid()}"
-
-
-def describe_jobs(jobs: Iterable[JobInfo]) -> list[dict[str, Any]]:
-    """Jobs as JSON-ready dicts (for the API)."""
-    return [{"cluster": j.cluster, "schedule": j.schedule, "timezone": j.timezone,
-             "next_run": j.next_run.astimezone(UTC).isoformat() if j.next_run else None,
-             "running": j.running,
-             "last_started": j.last_started.isoformat() if j.last_started else None,
-             "last_outcome": j.last_outcome} for j in jobs]
 
 
 def auto_remediator(settings: Settings, *, clock: Clock = utcnow) -> Remediator:

@@ -18,9 +18,7 @@ import platform
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -32,13 +30,12 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import and_, func, select
 
 from scanner import __version__
-from scanner.app.alerts import AlertHealth
 from scanner.core.errors import StoreError
-from scanner.db.models import ClusterScan, DailyClusterSummary
+from scanner.db.queries.metrics import cluster_states
 from scanner.db.store import Store
+from scanner.web.state import AlertHealth
 
 log = logging.getLogger(__name__)
 
@@ -131,40 +128,10 @@ def _number(value: float) -> str:
 # --- the database's figures ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ClusterState:
-    """A cluster's latest scan, in the figures `/metrics` exports."""
-
-    cluster: str
-    status: str
-    nodes: int
-    passing: int
-    failing: int
-    unknown: int
-    last_scan: datetime  # when the latest scan started
-    last_success: datetime | None  # when the latest scan that was not an error started
-
-
-def cluster_states(store: Store) -> list[ClusterState]:
-    """Every cluster with a stored scan, by name; raises StoreError."""
-    d, c = DailyClusterSummary, ClusterScan
-    newest = (select(d.cluster, func.max(d.day).label("day")).group_by(d.cluster)
-              .subquery("newest"))
-    # Walks the cluster's index from its newest scan back to the first that is not an error:
-    # one row, unless the cluster has failed many times in a row.
-    success = (select(c.started_at).where(c.cluster == d.cluster, c.status != "error")
-               .order_by(c.started_at.desc()).limit(1).correlate(d).scalar_subquery())
-    query = (select(d.cluster, d.status, d.nodes, d.passing, d.failing, d.unknown,
-                    d.last_started_at, success.label("last_success"))
-             .join(newest, and_(newest.c.cluster == d.cluster, newest.c.day == d.day))
-             .order_by(d.cluster))
-    with store.reading() as s:
-        return [ClusterState(*row) for row in s.execute(query)]
-
-
 # --- the collector -------------------------------------------------------------------------
 
 
+@runtime_checkable
 class AlertCounts(Protocol):
     """What /metrics reads of the alert sender (`scanner.app.alerts.AlertSender`)."""
 
