@@ -186,7 +186,7 @@ def test_without_a_terminal_progress_is_logged_by_steps_and_periodically(
     assert out.code == 0, out.stderr
     assert out.stdout.startswith("slow: COMPLIANT")
     lines = out.stderr.splitlines()
-    assert lines and all(" INFO scanner.telemetry.progress: " in line for line in lines), out.stderr
+    assert lines and all(" INFO scanner.progress: " in line for line in lines), out.stderr
     steps = [int(m.group(1)) for m in re.finditer(
         r"slow: probed \d+/10 nodes, \d+/10 targets \((\d+)%\)", out.stderr)]
     assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] < 100, out.stderr

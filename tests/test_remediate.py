@@ -689,6 +689,36 @@ def test_apply_is_refused_while_another_holds_the_cluster_lock(harness: Harness,
     assert harness.emulators["c1"].requests == []
 
 
+def test_the_library_takes_the_cluster_lock_itself(harness: Harness, sqlite_url: str) -> None:
+    """`remediate(apply=True)` holds the cluster's lock on its own, as `run_scan` does: a
+    caller that forgets it cannot race a scan; a dry run needs no lock."""
+    from scanner.core.errors import RemediationRefused
+    from scanner.db.locks import DatabaseLock, cluster_lock_name
+
+    handle = harness.cluster("c1", ["felix-http"], env={ENABLED: "true"}, options=ENABLED_OPTS)
+    handle.simulate_controllers()
+    settings = load_settings(harness.config(database=sqlite_url))
+    with Store(sqlite_url) as store:
+        store.ensure_schema()
+        with DatabaseLock(store).hold(cluster_lock_name("c1")) as held:
+            assert held is not None
+            with pytest.raises(RemediationRefused, match="another felixscan process"):
+                remediate(settings, "c1", store=store, apply=True, trigger="test",
+                          ignore_window=True, confirm=lambda plan: True)
+            assert harness.emulators["c1"].requests == []
+            dry = remediate(settings, "c1", store=store, apply=False, trigger="test")
+        assert dry.outcome == "dry_run"
+        applied = remediate(settings, "c1", store=store, apply=True, trigger="test",
+                            ignore_window=True, confirm=lambda plan: True)
+        # The patch was made under the lock (the listener here stays up, so the
+        # verification scan fails: that part is tested elsewhere).
+        assert applied.outcome in ("succeeded", "failed")
+        assert [w for w in writes(harness.emulators["c1"]) if not w.dry_run]
+        # Released at the end: the lock is free again.
+        with DatabaseLock(store).hold(cluster_lock_name("c1")) as again:
+            assert again is not None
+
+
 def test_progress_is_a_bar_on_a_terminal_and_lines_in_logs() -> None:
     """The rollout is shown on the command's progress line (scanner.progress, like the scans
     before and after it): a bar redrawn in place on a terminal and taken off when it ends;
@@ -710,7 +740,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_logs() -> None:
     log = io.StringIO()
     with configured(stream=log), progress.session(log, title="remediate"):
         _ProgressView()(step)
-    assert log.getvalue().endswith(" INFO scanner.telemetry.progress: rollout: 2/4 updated, 3/4 "
+    assert log.getvalue().endswith(" INFO scanner.progress: rollout: 2/4 updated, 3/4 "
                                    "available, generation 3/3 observed (5s of 60s)\n")
 
 
@@ -931,7 +961,7 @@ def test_nothing_is_patched_once_the_cluster_lock_is_lost(harness: Harness,
     with Store(sqlite_url) as store:
         result = remediate(settings, "c1", store=store, apply=True, trigger="cli",
                            ignore_window=True, confirm=lambda plan: True,
-                           lock=Lost())  # type: ignore[arg-type]
+                           held=Lost())  # type: ignore[arg-type]
     assert result.outcome == "failed"
     assert "lock was lost" in result.message
     assert not [w for w in writes(emu) if not w.dry_run]

@@ -627,7 +627,7 @@ def auto_remediator(settings: Settings, *, clock: Clock = utcnow) -> Remediator:
                      "window (%s)", cluster.name, window.text if window else "none configured")
             return None
         outcome = remediate(settings, cluster.name, store=store, apply=True,
-                            trigger="serve:auto", now=now, lock=lock)
+                            trigger="serve:auto", now=now, held=lock)
         log.warning("cluster %s: auto-remediation %s (action %s): %s", cluster.name,
                     outcome.outcome, outcome.action_id, outcome.message)
         if outcome.verify is not None and outcome.verify_run_id is not None:

@@ -13,7 +13,6 @@ import json
 import socket
 import sys
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, TextIO
 
 from scanner.core.errors import ConfigError, RemediationRefused
@@ -90,7 +89,6 @@ def trigger() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from scanner.core.config import load_settings
-    from scanner.db.locks import DatabaseLock, HeldLock, cluster_lock_name
     from scanner.db.store import Store
     from scanner.remediate import RemediateOptions, remediate, rollback
 
@@ -117,27 +115,19 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"action {args.rollback} is for cluster {row.cluster}, not "
                                   f"{cluster}", key="--cluster")
             cluster = row.cluster
-        # Only a change needs the lock that `serve` takes too: a dry run changes nothing.
-        locks = DatabaseLock(store)
-        lock: AbstractContextManager[HeldLock | None] = (
-            locks.hold(cluster_lock_name(cluster)) if args.apply else nullcontext(None))
-        with lock as held:
-            if args.apply and held is None:
-                raise RemediationRefused(f"another felixscan process is scanning or remediating "
-                                         f"cluster {cluster} right now; try again later")
-            try:
-                if args.rollback is not None:
-                    result = rollback(settings, args.rollback, store=store, apply=args.apply,
-                                      trigger=trigger(), ignore_window=args.ignore_window,
-                                      confirm=confirm, options=options, progress=view,
-                                      on_plan=_print_plan, lock=held)
-                else:
-                    result = remediate(settings, args.cluster, store=store, apply=args.apply,
-                                       trigger=trigger(), ignore_window=args.ignore_window,
-                                       confirm=confirm, options=options, progress=view,
-                                       on_plan=_print_plan, lock=held)
-            finally:
-                view.end()
+        try:
+            if args.rollback is not None:
+                result = rollback(settings, args.rollback, store=store, apply=args.apply,
+                                  trigger=trigger(), ignore_window=args.ignore_window,
+                                  confirm=confirm, options=options, progress=view,
+                                  on_plan=_print_plan)
+            else:
+                result = remediate(settings, args.cluster, store=store, apply=args.apply,
+                                   trigger=trigger(), ignore_window=args.ignore_window,
+                                   confirm=confirm, options=options, progress=view,
+                                   on_plan=_print_plan)
+        finally:
+            view.end()
     _print_result(result, apply=args.apply)
     return result.exit_code
 
