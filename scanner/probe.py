@@ -61,20 +61,23 @@ _DNS_NAME = re.compile(rf"(?=.{{1,253}}\.?$){_LABEL}(?:\.{_LABEL})*\.?")
 class ProbeSettings:
     """Timeouts (seconds), pool size and limits for one probe phase.
 
-    `http_timeout` is the deadline for the whole GET: sending it and reading the response. One
-    node costs at most connect + tls + connect + http timeouts (a TLS attempt that times out,
-    then plain HTTP on a new connection), and at most `max_body_bytes` of body is read.
+    The names are the YAML keys of `probe:` (`scanner.core.config.ProbeConfig`), kept as they
+    are down to the stored scan. `timeout_seconds` bounds each TCP connect;
+    `http_timeout_seconds` is the deadline for the whole GET: sending it and reading the
+    response. One node costs at most connect + tls + connect + http timeouts (a TLS attempt
+    that times out, then plain HTTP on a new connection), and at most `max_body_bytes` of body
+    is read.
     """
 
-    connect_timeout: float = 2.0
-    tls_timeout: float = 3.0
-    http_timeout: float = 5.0
+    timeout_seconds: float = 2.0
+    tls_timeout_seconds: float = 3.0
+    http_timeout_seconds: float = 5.0
     concurrency: int = 256
     max_body_bytes: int = 1_048_576
     user_agent: str = f"felixscan/{__version__}"
 
     def __post_init__(self) -> None:
-        for name in ("connect_timeout", "tls_timeout", "http_timeout"):
+        for name in ("timeout_seconds", "tls_timeout_seconds", "http_timeout_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{name} must be a number of seconds, not {value!r}")
@@ -911,7 +914,8 @@ class _Prober:
                 if response.first_bytes
                 else "no response"
             )
-            errors.append(f"{got} within the {_fmt_seconds(self.settings.http_timeout)} deadline")
+            deadline = _fmt_seconds(self.settings.http_timeout_seconds)
+            errors.append(f"{got} within the {deadline} deadline")
         if response.truncated:
             errors.append(
                 f"body larger than max_body_bytes; reading stopped at {response.body_bytes} bytes"
@@ -919,9 +923,9 @@ class _Prober:
         return errors
 
     async def _lookup(self, host: str, port: int) -> _Endpoint | _Fail:
-        # a node address of a DNS type (Hostname, InternalDNS): resolve it within connect_timeout
+        # a node address of a DNS type (Hostname, InternalDNS): resolve it within timeout_seconds
         try:
-            async with asyncio.timeout(self.settings.connect_timeout):
+            async with asyncio.timeout(self.settings.timeout_seconds):
                 infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except TimeoutError:
             return _Fail("error", f"cannot resolve {host!r}: timed out")
@@ -951,7 +955,7 @@ class _Prober:
                 ready: asyncio.Future[None] = loop.create_future()
                 loop.add_writer(fd, _resolve, ready)
                 try:
-                    async with asyncio.timeout(self.settings.connect_timeout):
+                    async with asyncio.timeout(self.settings.timeout_seconds):
                         await ready
                 finally:
                     loop.remove_writer(fd)
@@ -980,7 +984,7 @@ class _Prober:
             text = "connection reset by peer right after it was accepted"
             return _Fail("open", text, connect_ms)
         if err == errno.ETIMEDOUT:
-            wait = _fmt_seconds(self.settings.connect_timeout)
+            wait = _fmt_seconds(self.settings.timeout_seconds)
             return _Fail("filtered", f"no answer to connect within {wait}")
         text = _os_error_text(exc if exc is not None else OSError(err, os.strerror(err)))
         if err in _UNREACHABLE_ERRNOS:
@@ -1012,16 +1016,16 @@ class _Prober:
             exchange.start()
             if tls:
                 try:
-                    async with asyncio.timeout(settings.tls_timeout):
+                    async with asyncio.timeout(settings.tls_timeout_seconds):
                         await exchange.handshake_done
                 except TimeoutError:
                     exchange.drain()
                     if not (exchange.handshaken or exchange.ended):
-                        wait = _fmt_seconds(settings.tls_timeout)
+                        wait = _fmt_seconds(settings.tls_timeout_seconds)
                         exchange.handshake_error = f"TLS handshake timed out after {wait}"
             if exchange.handshaken or not tls:
                 try:
-                    async with asyncio.timeout(settings.http_timeout):
+                    async with asyncio.timeout(settings.http_timeout_seconds):
                         await exchange.done
                 except TimeoutError:
                     exchange.drain()

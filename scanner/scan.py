@@ -69,9 +69,10 @@ class ScanOutcome:
 
 def probe_settings(cluster: ClusterSettings) -> ProbeSettings:
     p = cluster.probe
-    return ProbeSettings(connect_timeout=p.timeout_seconds, tls_timeout=p.tls_timeout_seconds,
-                         http_timeout=p.http_timeout_seconds, concurrency=p.concurrency,
-                         user_agent=f"felixscan/{__version__}")
+    return ProbeSettings(timeout_seconds=p.timeout_seconds,
+                         tls_timeout_seconds=p.tls_timeout_seconds,
+                         http_timeout_seconds=p.http_timeout_seconds,
+                         concurrency=p.concurrency, user_agent=f"felixscan/{__version__}")
 
 
 def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
@@ -148,10 +149,10 @@ def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Cloc
     p = cluster.probe
     return replace(result, method={
         "address_type": p.address_type, "address_types": list(p.address_types),
-        "connect_timeout_s": p.timeout_seconds,
-        "tls_timeout_s": p.tls_timeout_seconds, "http_timeout_s": p.http_timeout_seconds,
+        "timeout_seconds": p.timeout_seconds, "tls_timeout_seconds": p.tls_timeout_seconds,
+        "http_timeout_seconds": p.http_timeout_seconds,
         "concurrency": p.concurrency, "extra_ports": list(p.extra_ports),
-        "targets": len(targets), "api_timeout_s": cluster.api_timeout_seconds})
+        "targets": len(targets), "api_timeout_seconds": cluster.api_timeout_seconds})
 
 
 def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",

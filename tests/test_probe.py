@@ -27,7 +27,7 @@ from scanner.probe import NO_ADDRESS, ProbeSettings, probe_many, probe_nodes
 # unclosed sockets must fail these tests even though the project ignores ResourceWarning globally
 pytestmark = pytest.mark.filterwarnings("error::ResourceWarning")
 
-FAST = ProbeSettings(connect_timeout=0.5, tls_timeout=0.5, http_timeout=1.0)
+FAST = ProbeSettings(timeout_seconds=0.5, tls_timeout_seconds=0.5, http_timeout_seconds=1.0)
 
 
 def addr(block: int, index: int) -> str:
@@ -97,7 +97,7 @@ def test_each_kind_of_listener_is_classified(fleet: NodeFleet) -> None:
 
 def test_mute_listener_costs_tls_plus_http_deadline(fleet: NodeFleet) -> None:
     fleet.add(addr(2, 0), "mute")
-    settings = ProbeSettings(connect_timeout=0.5, tls_timeout=0.3, http_timeout=0.4)
+    settings = ProbeSettings(timeout_seconds=0.5, tls_timeout_seconds=0.3, http_timeout_seconds=0.4)
     result = probe_one(addr(2, 0), settings)
     assert (result.state, result.protocol, result.felix) == ("open", "tcp", None)
     assert 700 <= result.duration_ms < 2500  # generous upper bound: a busy CI machine
@@ -124,7 +124,7 @@ def test_tls_facts_match_the_served_certificate(fleet: NodeFleet) -> None:
 
 def test_request_is_one_get_metrics_with_fixed_headers(fleet: NodeFleet) -> None:
     node = fleet.add(addr(4, 0), "felix-tls")
-    settings = ProbeSettings(connect_timeout=0.5, user_agent="felixscan/test")
+    settings = ProbeSettings(timeout_seconds=0.5, user_agent="felixscan/test")
     probe_one(node.address, settings)
     [request] = node.requests
     assert (request.method, request.target, request.version) == ("GET", "/metrics", "HTTP/1.1")
@@ -155,7 +155,7 @@ def test_redirect_is_recorded_and_not_followed(fleet: NodeFleet) -> None:
 
 def test_endless_body_stays_bounded(fleet: NodeFleet) -> None:
     node = fleet.add(addr(6, 0), "endless", node_name="worker-endless")
-    settings = ProbeSettings(connect_timeout=0.5, http_timeout=5.0, max_body_bytes=65536)
+    settings = ProbeSettings(timeout_seconds=0.5, http_timeout_seconds=5.0, max_body_bytes=65536)
     started = time.perf_counter()
     result = probe_one(node.address, settings)
     assert time.perf_counter() - started < 4.0  # far below the 5 s deadline
@@ -166,7 +166,7 @@ def test_endless_body_stays_bounded(fleet: NodeFleet) -> None:
 
 def test_slow_drip_is_cut_at_the_http_deadline(fleet: NodeFleet) -> None:
     node = fleet.add(addr(7, 0), "drip")
-    settings = ProbeSettings(connect_timeout=0.5, tls_timeout=0.5, http_timeout=0.6)
+    settings = ProbeSettings(timeout_seconds=0.5, tls_timeout_seconds=0.5, http_timeout_seconds=0.6)
     result = probe_one(node.address, settings)
     assert result.state == "open" and result.protocol == "http" and result.http_status == 200
     assert result.felix is None  # a few bytes of a body decide nothing
@@ -180,7 +180,7 @@ def test_concurrency_cap_is_respected(fleet: NodeFleet) -> None:
     for i in range(12):
         node = fleet.add(addr(8, i), "felix-http", delay=0.2)
         targets.append(ProbeTarget(node.node_name, node.address, node.port))
-    settings = ProbeSettings(connect_timeout=0.5, concurrency=3)
+    settings = ProbeSettings(timeout_seconds=0.5, concurrency=3)
     started = time.perf_counter()
     results = probe_nodes(targets, settings)
     elapsed = time.perf_counter() - started
@@ -192,7 +192,7 @@ def test_concurrency_cap_is_respected(fleet: NodeFleet) -> None:
 def test_a_late_event_loop_does_not_turn_answers_into_timeouts(fleet: NodeFleet) -> None:
     fleet.add(addr(13, 1), "felix-tls", node_name="tls-node")
     targets = [ProbeTarget("closed", addr(13, 0), 9091), ProbeTarget("tls", addr(13, 1), 9091)]
-    settings = ProbeSettings(connect_timeout=0.3, tls_timeout=0.3, http_timeout=0.3)
+    settings = ProbeSettings(timeout_seconds=0.3, tls_timeout_seconds=0.3, http_timeout_seconds=0.3)
 
     async def main() -> list[ProbeResult]:
         probing = asyncio.create_task(probe_many(targets, settings))
@@ -214,7 +214,7 @@ def test_results_keep_target_order(fleet: NodeFleet) -> None:
         fleet.add(addr(9, i), kind)
         targets.append(ProbeTarget(f"node-{i}", addr(9, i), 9091))
     targets.insert(2, ProbeTarget("no-address", None, 9091))
-    results = probe_nodes(targets, ProbeSettings(connect_timeout=0.5, concurrency=2))
+    results = probe_nodes(targets, ProbeSettings(timeout_seconds=0.5, concurrency=2))
     assert [r.node for r in results] == [t.node for t in targets]
     assert [r.address for r in results] == [t.address for t in targets]
     assert [r.state for r in results] == [
@@ -374,10 +374,10 @@ def test_probe_many_in_a_running_loop_and_empty_input() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"connect_timeout": 0},
-        {"tls_timeout": -1.0},
-        {"http_timeout": float("inf")},
-        {"http_timeout": float("nan")},
+        {"timeout_seconds": 0},
+        {"tls_timeout_seconds": -1.0},
+        {"http_timeout_seconds": float("inf")},
+        {"http_timeout_seconds": float("nan")},
         {"concurrency": 0},
         {"max_body_bytes": 0},
         {"user_agent": ""},
@@ -389,7 +389,7 @@ def test_settings_are_validated(kwargs: dict[str, object]) -> None:
         ProbeSettings(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kwargs", [{"concurrency": 2.5}, {"connect_timeout": "1"}])
+@pytest.mark.parametrize("kwargs", [{"concurrency": 2.5}, {"timeout_seconds": "1"}])
 def test_settings_reject_wrong_types(kwargs: dict[str, object]) -> None:
     with pytest.raises(TypeError):
         ProbeSettings(**kwargs)  # type: ignore[arg-type]
