@@ -161,7 +161,7 @@ def test_two_scanners_and_a_serve_write_at_once(harness: Harness, db_url: str, t
             codes[i].append(proc.returncode)
             # Without a terminal, progress is logged (scanner.progress, INFO); nothing else.
             others = [line for line in proc.stderr.splitlines()
-                      if " INFO scanner.telemetry.progress: " not in line]
+                      if " INFO scanner.progress: " not in line]
             if proc.returncode != 1 or others:
                 errors.append(proc.stderr[-2000:])
 
