@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from scanner import __version__
-from scanner.app.commands.trend import csv_cell
 from scanner.core.findings import RULES
 from scanner.core.records import ClusterResult, NodeResult
 
@@ -763,3 +762,22 @@ def _utc(text: str) -> str:
 def _epoch_ms(text: str) -> int:
     parsed = _parse_time(text)
     return int(parsed.timestamp() * 1000) if parsed else 0
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell that a spreadsheet will not run as a formula."""
+    text = "" if value is None else str(value)
+    if text.startswith(FORMULA_START) and not _is_number(text):
+        return "'" + text
+    return text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -55,16 +55,17 @@ class ScanOutcome:
     lock_lost: tuple[str, ...] = ()
 
     @property
-    def exit_code(self) -> int:
-        """0 all compliant, 1 any non-compliant, 3 any cluster not scanned (none non-compliant),
-        4 any result not stored: the database failed, and the run's record is incomplete."""
+    def status(self) -> str:
+        """The run's worst outcome: `not_stored` (a result is not in the database: the record
+        is incomplete), else `non_compliant`, else `error` (a cluster not scanned), else
+        `compliant`. The CLI maps it to an exit code (`scanner.app.exitcodes`)."""
         if self.store_errors:
-            return 4
+            return "not_stored"
         if any(c.status == "non_compliant" for c in self.clusters):
-            return 1
+            return "non_compliant"
         if any(c.status == "error" for c in self.clusters):
-            return 3
-        return 0
+            return "error"
+        return "compliant"
 
 
 def probe_settings(cluster: ClusterSettings) -> ProbeSettings:

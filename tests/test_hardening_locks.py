@@ -33,7 +33,7 @@ import scan_harness
 from scan_harness import Harness, Node, Outcome
 from sqlalchemy import create_engine, text
 
-import scanner.app.cli
+import scanner.app.commands.scan
 from scanner.app.cli import main
 from scanner.app.serve import ScanScheduler, ServeStore
 from scanner.core.config import ServeSettings, load_settings
@@ -69,7 +69,8 @@ def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def lock_wait(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
     """`felixscan scan` waits 60 s for a cluster another process holds; tests wait less."""
-    return lambda seconds: monkeypatch.setattr(scanner.app.cli, "LOCK_WAIT_SECONDS", seconds)
+    return lambda seconds: monkeypatch.setattr(scanner.app.commands.scan, "LOCK_WAIT_SECONDS",
+                                               seconds)
 
 
 # --- helpers ---------------------------------------------------------------------------------

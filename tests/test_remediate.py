@@ -525,7 +525,7 @@ def test_a_concurrent_writer_is_kept_library_api(harness: Harness, sqlite_url: s
                            ignore_window=True, confirm=confirm, progress=seen.append,
                            options=RemediateOptions(rollout_timeout=10))
 
-    assert result.outcome == "succeeded" and result.exit_code == 0, result.message
+    assert result.outcome == "succeeded" and result.done, result.message
     assert plans and plans[0].changes[0].ref.kind == "DaemonSet"
     ds = handle.daemonset_object()
     assert ds["metadata"]["annotations"]["example.com/owner"] == "team-net"

@@ -327,13 +327,13 @@ def test_second_scan_appends(harness: Harness, sqlite_url: str) -> None:
 
 def test_a_cluster_locked_by_another_scanner_is_not_scanned_twice(
         harness: Harness, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scanner.app import cli
+    from scanner.app.commands import scan as scan_command
     from scanner.db.locks import DatabaseLock, cluster_lock_name
     from scanner.db.store import Store
 
     harness.cluster("busy", ["closed"])
     harness.cluster("free", ["closed"])
-    monkeypatch.setattr(cli, "LOCK_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(scan_command, "LOCK_WAIT_SECONDS", 0.5)
     with Store(sqlite_url) as store:
         store.upgrade()
         with DatabaseLock(store).hold(cluster_lock_name("busy")) as held:

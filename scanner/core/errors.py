@@ -1,20 +1,21 @@
 """felixscan's own error tree. Library errors are wrapped here (`raise ... from exc`).
 
-Only the CLI turns these into messages and exit codes::
+Only the application layer turns these into messages and exit codes (the mapping is
+`scanner.app.exitcodes.for_error`, shown here in brackets)::
 
-    FelixscanError                      exit 2 unless a subclass says otherwise
-    ├── ConfigError                     bad config file, kubeconfig or flag (exit 2)
-    ├── StoreError                      database unreachable, migration missing or failed (exit 4)
+    FelixscanError                      [2]
+    ├── ConfigError                     bad config file, kubeconfig or flag [2]
+    ├── StoreError                      database unreachable, migration missing or failed [4]
     │   ├── SchemaMismatch              database revision differs from the code's head
     │   └── LockLost                    a cluster's lock was lost while held: nothing stored
-    ├── ClusterError                    one cluster could not be scanned (stored as ERROR, exit 3)
+    ├── ClusterError                    one cluster could not be scanned (stored as ERROR) [3]
     │   ├── ApiError                    the API answered with an error status or garbage
     │   │   └── ApiForbidden            401/403: credentials or RBAC
     │   ├── ApiUnreachable              connection refused, TLS failure, timeout, deadline
     │   └── CalicoNotFound              no calico-node DaemonSet where expected
-    ├── ReportError                     a report cannot be made (empty period, unknown cluster)
-    └── RemediationError                remediation could not run or finish (exit 1)
-        └── RemediationRefused          a guard, the plan or the operator said no (exit 2)
+    ├── ReportError                     a report cannot be made (empty period, unknown cluster) [2]
+    └── RemediationError                remediation could not run or finish [1]
+        └── RemediationRefused          a guard, the plan or the operator said no [2]
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 class FelixscanError(Exception):
     """Base of every error felixscan raises on purpose."""
-
-    exit_code = 2
 
 
 class ConfigError(FelixscanError):
@@ -51,8 +50,6 @@ class SchemaMismatch(StoreError):
 
 class ClusterError(FelixscanError):
     """One cluster could not be scanned; the scan stores it as an error and goes on."""
-
-    exit_code = 3
 
 
 class ApiError(ClusterError):
@@ -82,7 +79,6 @@ class ReportError(FelixscanError):
 class RemediationError(FelixscanError):
     """Remediation could not run or finish; what was changed is recorded in the database."""
 
-    exit_code = 1
 
     def __init__(self, message: str, *, action_id: int | None = None) -> None:
         self.action_id = action_id
@@ -95,4 +91,3 @@ class RemediationRefused(RemediationError):
     Nothing was changed in the cluster.
     """
 
-    exit_code = 2

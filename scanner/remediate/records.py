@@ -198,15 +198,15 @@ class RemediationResult:
     verify: ClusterResult | None = None
 
     @property
-    def exit_code(self) -> int:
-        """0 done (or dry run shown, or nothing to do on a compliant cluster); 1 otherwise."""
+    def done(self) -> bool:
+        """Done (or dry run shown, or nothing to do on a compliant cluster, or nothing left to
+        restore); False when it failed or left a non-compliant cluster as it was."""
         if self.outcome in ("dry_run", "succeeded", "rolled_back"):
-            return 0
+            return True
         if self.outcome == "noop":
             # Nothing to restore is fine; nothing to change on a non-compliant cluster is not.
-            return 0 if self.plan.mode == "rollback" or self.plan.before.status == "compliant" \
-                else 1
-        return 1
+            return self.plan.mode == "rollback" or self.plan.before.status == "compliant"
+        return False
 
 
 Confirm = Callable[[Plan], bool]

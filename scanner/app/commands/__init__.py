@@ -1,17 +1,16 @@
-"""Command-line commands that live beside their library module.
+"""The `felixscan` subcommands: one module each, registered the same way.
 
-Each module here has `add_parser(sub, common)` which registers one `felixscan` subcommand and
-sets `handler=run` on it; `run(args) -> int` parses nothing itself and calls the library.
-`scanner.app.cli` stays the one place that turns errors into messages and exit codes.
+Each module has `register(sub)`, which adds one subcommand to the parser (its shared options come
+from `scanner.app.options`) and sets `handler=run` on it; `run(args) -> int` parses nothing
+itself and calls one library function. `scanner.app.cli` is the one place that turns errors
+into messages and exit codes. To add a command: write the module, add it to COMMANDS.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from types import ModuleType
 
+from scanner.app.commands import completion, db, demo, remediate, report, scan, serve, trend
 
-def modules() -> list[ModuleType]:
-    return [importlib.import_module(f"{__name__}.{info.name}")
-            for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name)]
+# In the order `felixscan --help` lists them.
+COMMANDS: tuple[ModuleType, ...] = (scan, report, demo, completion, remediate, serve, trend, db)

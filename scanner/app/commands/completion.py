@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ SHELLS = ("bash", "zsh")
 _WORD = re.compile(r"[A-Za-z0-9_.:/+@%,=-]+")  # a choice that needs no quoting in either shell
 
 
-def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "completion", help="print a bash or zsh completion script",
         description="Print a shell completion script for felixscan's subcommands, options "

@@ -12,9 +12,9 @@ import getpass
 import json
 import socket
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
+from scanner.app.exitcodes import ExitCode
 from scanner.core.errors import ConfigError, RemediationRefused
 from scanner.telemetry import progress
 from scanner.telemetry.progress import Task
@@ -22,8 +22,10 @@ from scanner.telemetry.progress import Task
 if TYPE_CHECKING:  # scanner.remediate loads the kubernetes client: only when remediating
     from scanner.remediate import Plan, RemediationResult, RolloutProgress
 
+from scanner.app.options import common
 
-def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "remediate", help="turn the Felix metrics endpoint off (a dry run unless --apply)",
         description="Plan the change that turns the Felix metrics endpoint off on a cluster "
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             view.end()
     _print_result(result, apply=args.apply)
-    return result.exit_code
+    return ExitCode.OK if result.done else ExitCode.NON_COMPLIANT
 
 
 def _ask(plan: Plan) -> bool:
@@ -145,7 +147,7 @@ def _ask(plan: Plan) -> bool:
 
 def _print_plan(plan: Plan, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    from scanner.app.cli import summary_line
+    from reports.outputs import summary_line
     from scanner.remediate import human_duration
 
     w = out.write
@@ -212,7 +214,7 @@ def _print_result(result: RemediationResult, *, apply: bool) -> None:
     if result.rollout is not None and result.rollout.complete:
         print(f"  {result.rollout.message}")
     if result.verify is not None:
-        from scanner.app.cli import summary_line
+        from reports.outputs import summary_line
 
         print("After: " + summary_line(result.verify).splitlines()[0])
     if plan.mode == "apply" and result.action_id is not None:

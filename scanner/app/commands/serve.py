@@ -6,13 +6,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from typing import Any
 
+from scanner.app.options import common
 from scanner.core.config import DEFAULT_DATABASE, ServeSettings, Settings, load_settings
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-               common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "serve", help="run scheduled scans and serve the web page and JSON API",
         description="Run the configured clusters' scans on their cron schedule (APScheduler; "

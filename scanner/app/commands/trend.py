@@ -6,13 +6,14 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+from reports.outputs import csv_cell
+from scanner.app.options import common
 
 
-def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "trend", help="compliance per cluster and day (or the nodes that keep failing)",
         description="Per cluster and UTC day: nodes scanned, failing and unknown, and the "
@@ -40,7 +41,7 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scanner.app.cli import check_readable, database_url
+    from scanner.app.options import check_readable, database_url
     from scanner.db.queries.trends import failing_streaks, trend
     from scanner.db.store import Store
 
@@ -74,22 +75,6 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> No
             print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
         if not rows:
             print("(no data in the period)")
-
-
-def csv_cell(value: Any) -> str:
-    """A CSV cell that a spreadsheet will not run as a formula."""
-    text = "" if value is None else str(value)
-    if text.startswith(FORMULA_START) and not _is_number(text):
-        return "'" + text
-    return text
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _show(value: Any) -> str:
