@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from tests.helpers.paths import FIXTURES
+
 CALICO = FIXTURES / "calico"
 PG_ADMIN = os.environ.get("FELIXSCAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 

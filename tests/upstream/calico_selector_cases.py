@@ -14,7 +14,7 @@
 # a (kind name, value) tuple with "" for an absent Value; a badSelectors entry keeps its
 # upstream comment as a second element; the Visitor table drops its visitor argument, which
 # is always PrefixVisitor{Prefix: "visited/"}. Order and duplicates are kept as upstream.
-"""Upstream test tables of libcalico-go/lib/selector, read by tests/test_upstream_selector.py."""
+"""Upstream test tables of libcalico-go/lib/selector (tests/core/test_upstream_selector.py)."""
 
 from __future__ import annotations
 

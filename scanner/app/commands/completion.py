@@ -36,9 +36,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scanner.app.cli import build_parser
-
-    sys.stdout.write(script(build_parser(), args.shell))
+    # The whole command line's parser, which `scanner.app.cli.build_parser` leaves in the
+    # arguments of every command (a command module never imports the CLI above it).
+    sys.stdout.write(script(args.parser, args.shell))
     return 0
 
 

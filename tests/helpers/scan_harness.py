@@ -1,0 +1,216 @@
+"""Emulated clusters for end-to-end scans: API servers over HTTPS plus node listeners on 127.x.
+
+`Harness.cluster()` builds one Calico cluster from a real fixture DaemonSet, gives every node a
+fresh loopback address, and starts a listener of the requested kind on it. `Harness.scan()` runs
+the real `felixscan scan` (in-process, or as a subprocess) and returns its exit code and JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scanner.app.cli import main
+from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico_cluster
+from scanner.emulator.apiserver import write_kubeconfig
+from scanner.emulator.nodes import NodeFleet, address_for
+from tests.helpers.paths import CALICO, ROOT
+
+CALICO_VERSIONS = sorted(p.name.split("-", 1)[0] for p in CALICO.glob("*-calico-daemonset-*.yaml"))
+# Fresh addresses: no reuse across tests, and a range of its own for each pytest process, so
+# two runs on one machine never share a node address.
+_addresses: Iterator[int] = itertools.count(1 + (os.getpid() % 64) * 10_000)
+
+
+def next_address() -> str:
+    return address_for(next(_addresses), base="127.20.0.0")
+
+
+def daemonset(version: str = "v3.32.1") -> Path:
+    return CALICO / f"{version}-calico-daemonset-calico-node.yaml"
+
+
+@dataclass
+class Node:
+    """One node of a test cluster: `kind` is a NodeFleet kind, or `noaddr` (no InternalIP)."""
+
+    kind: str = "closed"
+    name: str | None = None
+    ready: bool = True
+    labels: dict[str, str] = field(default_factory=dict)
+    pod: str | None = "current"  # "current", "old" or None (no calico-node pod)
+    port: int = 9091
+    annotations: dict[str, str] = field(default_factory=dict)
+    # further (type, address) entries, e.g. ("InternalIP", "::1"), each with its listener kind
+    extra: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """What one `felixscan` invocation did."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def felixscan(*args: str, cwd: Path | None = None) -> Run:
+    """The real CLI in this process (optionally from another working directory)."""
+    out, err = io.StringIO(), io.StringIO()
+    before = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's usage errors, as the console script exits
+                code = int(exc.code or 0)
+    finally:
+        os.chdir(before)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def felixscan_process(*args: str, cwd: Path | None = None, timeout: float = 120) -> Run:
+    """`python -m scanner ...` as a child process: its own logging set-up, its own stderr."""
+    proc = subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@dataclass
+class Outcome:
+    code: int
+    doc: dict[str, Any]
+    stdout: str
+    stderr: str
+
+    def cluster(self, name: str) -> dict[str, Any]:
+        return next(c for c in self.doc["clusters"] if c["name"] == name)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.stack = ExitStack()
+        self.fleet = self.stack.enter_context(_started(NodeFleet()))
+        self.emulators: dict[str, KubeEmulator] = {}
+        self.handles: dict[str, ClusterHandle] = {}
+        self.addresses: dict[tuple[str, str], str] = {}
+        self.extra_contexts: dict[str, str] = {}  # context -> server URL, for dead clusters
+        self.probe: dict[str, Any] = {"timeout_seconds": 0.5, "tls_timeout_seconds": 2,
+                                      "http_timeout_seconds": 3}
+        self.cluster_options: dict[str, dict[str, Any]] = {}
+        # Kubeconfig entries replaced per context (token, CA, exec plugin, server keys).
+        self.users: dict[str, dict[str, Any]] = {}  # context -> the whole `user` entry
+        self.servers: dict[str, dict[str, Any]] = {}  # context -> keys merged into `cluster`
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def cluster(self, name: str, nodes: Sequence[Node | str], *, version: str = "v3.32.1",
+                tls: bool = True, options: Mapping[str, Any] | None = None,
+                **build: Any) -> ClusterHandle:
+        emu = self.stack.enter_context(_started(KubeEmulator(tls=tls)))
+        specs = []
+        for i, raw in enumerate(nodes):
+            node = Node(kind=raw) if isinstance(raw, str) else raw
+            node_name = node.name or f"{name}-node-{i}"
+            address = next_address()
+            self.addresses[(name, node_name)] = address
+            specs.append(NodeSpec(name=node_name,
+                                  address=None if node.kind == "noaddr" else address,
+                                  ready=node.ready, labels=dict(node.labels),
+                                  annotations=dict(node.annotations),
+                                  extra_addresses=[(t, a) for t, a, _k in node.extra],
+                                  pod_revision=node.pod))  # type: ignore[arg-type]
+            if node.kind not in ("closed", "noaddr"):
+                self.fleet.add(address, node.kind, port=node.port, node_name=node_name)
+            for _t, extra_address, kind in node.extra:
+                if kind != "closed":
+                    self.fleet.add(extra_address, kind, port=node.port, node_name=node_name)
+        build.setdefault("daemonset_yaml", daemonset(version))
+        handle = build_calico_cluster(emu, nodes=specs, **build)
+        self.emulators[name] = emu
+        self.handles[name] = handle
+        if options:
+            self.cluster_options[name] = dict(options)
+        return handle
+
+    def dead_cluster(self, name: str, url: str = "https://127.0.0.1:1") -> None:
+        """A context whose API server is not there at all (connection refused)."""
+        self.extra_contexts[name] = url
+
+    def config(self, *, database: str | None = None) -> Path:
+        kubeconfig = self.tmp / "kubeconfig"
+        write_kubeconfig(kubeconfig, dict(self.emulators))
+        if self.extra_contexts or self.users or self.servers:
+            doc = yaml.safe_load(kubeconfig.read_text())
+            for ctx, url in self.extra_contexts.items():
+                doc["clusters"].append({"name": ctx, "cluster": {
+                    "server": url, "insecure-skip-tls-verify": True}})
+                doc["users"].append({"name": ctx, "user": {"token": "dead-cluster-token"}})
+                doc["contexts"].append({"name": ctx, "context": {"cluster": ctx, "user": ctx}})
+            for user in doc["users"]:
+                context = user["name"].removesuffix("-user")
+                if context in self.users:
+                    user["user"] = self.users[context]
+            for cluster in doc["clusters"]:
+                cluster["cluster"].update(self.servers.get(cluster["name"], {}))
+            kubeconfig.write_text(yaml.safe_dump(doc))
+        clusters = []
+        for name in [*self.emulators, *self.extra_contexts]:
+            entry: dict[str, Any] = {"name": name, "kubeconfig": str(kubeconfig),
+                                     "context": name, "probe": dict(self.probe),
+                                     "api_timeout_seconds": 2, "deadline_seconds": 20}
+            entry.update(self.cluster_options.get(name, {}))
+            clusters.append(entry)
+        doc: dict[str, Any] = {"clusters": clusters}
+        if database:
+            doc["database"] = database
+        path = self.tmp / "felixscan.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    def scan(self, db: str, *extra: str) -> Outcome:
+        """`felixscan scan --json` in this process (the real CLI entry point)."""
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(["scan", "--config", str(self.config()), "--db", db, "--json", *extra])
+        text = out.getvalue()
+        return Outcome(code=code, doc=json.loads(text) if text.strip() else {}, stdout=text,
+                       stderr=err.getvalue())
+
+    def scan_subprocess(self, db: str, *extra: str) -> Outcome:
+        proc = subprocess.run(
+            [sys.executable, "-m", "scanner", "scan", "--config", str(self.config()), "--db", db,
+             "--json", *extra], capture_output=True, text=True, timeout=120, check=False)
+        return Outcome(code=proc.returncode,
+                       doc=json.loads(proc.stdout) if proc.stdout.strip() else {},
+                       stdout=proc.stdout, stderr=proc.stderr)
+
+
+class _started:
+    """Start on enter, stop on exit, for objects with start()/stop()."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __enter__(self) -> Any:
+        self.obj.start()
+        return self.obj
+
+    def __exit__(self, *exc: object) -> None:
+        self.obj.stop()
