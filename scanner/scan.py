@@ -27,7 +27,8 @@ from scanner.core.records import ClusterResult, ClusterSnapshot
 from scanner.db.locks import DatabaseLock, HeldLock, cluster_lock_name, run_lock_name
 from scanner.db.runs import reconcile_runs
 from scanner.db.store import Store
-from scanner.kube.read import Api, collect, make_api
+from scanner.kube.client import Api, make_api
+from scanner.kube.read import collect
 from scanner.probe import ProbeSettings, probe_nodes
 from scanner.telemetry import logs, progress
 

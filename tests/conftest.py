@@ -64,7 +64,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[Any]:
     """Emulated clusters and node listeners for end-to-end scans (see scan_harness.py)."""
-    from scan_harness import Harness
+    from tests.helpers.scan_harness import Harness
 
     h = Harness(tmp_path)
     try:

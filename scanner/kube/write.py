@@ -23,7 +23,13 @@ from kubernetes.client.exceptions import ApiException
 
 from scanner.core.config import ClusterSettings
 from scanner.core.errors import ApiError, ApiForbidden, ApiUnreachable, RemediationRefused
-from scanner.kube.read import MANIFEST_NAMESPACE, OPERATOR_NAMESPACE, Api, make_api, status_message
+from scanner.kube.client import (
+    MANIFEST_NAMESPACE,
+    OPERATOR_NAMESPACE,
+    Api,
+    make_api,
+    status_message,
+)
 
 PatchType = Literal["strategic", "merge"]
 FIELD_MANAGER = "felixscan"

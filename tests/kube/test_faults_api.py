@@ -25,7 +25,7 @@ from scanner.db.models import ClusterScan, FindingRow, NodeProbe
 from scanner.emulator import KubeEmulator
 from scanner.emulator.certs import make_ca
 from scanner.emulator.nodes import address_for
-from scanner.kube import read as collect
+from scanner.kube import client as kube_client
 from tests.helpers import scan_harness
 from tests.helpers.paths import ROOT, TESTS
 from tests.helpers.scan_harness import Harness, Outcome
@@ -471,7 +471,7 @@ def test_a_daemonset_of_the_wrong_shape(fh: FaultHarness, sqlite_url: str) -> No
 
 def test_a_list_that_changes_between_pages_is_listed_again(fh: FaultHarness, sqlite_url: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(collect, "PAGE_SIZE", 2)  # five nodes: three pages
+    monkeypatch.setattr(kube_client, "PAGE_SIZE", 2)  # five nodes: three pages
     fh.cluster("healthy", ["closed"] * 5)
     fh.cluster("once", ["closed"] * 5).emu.inject(r"^/api/v1/nodes\?.*continue=", status=410,
                                                   times=1)
