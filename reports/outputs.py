@@ -3,7 +3,7 @@
 
 Pure functions: `scan_document` (a scan's ClusterResults) and `report_document` (a report's
 data from the database) build one `Document`, the JSON contract of `SCHEMA_VERSION` described
-by scanner/schemas/scan-result.schema.json; every other format is encoded from that document,
+by reports/schemas/scan-result.schema.json; every other format is encoded from that document,
 so a scan and a report of the same results say the same thing in every format.
 """
 
@@ -29,7 +29,7 @@ from scanner.core.findings import RULES
 from scanner.core.records import ClusterResult, NodeResult
 
 if TYPE_CHECKING:
-    from scanner.db.queries.history import ClusterReport, NodeRow, ReportData
+    from scanner.db.queries.history import ClusterReport, NodeEntry, ReportData
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_RESOURCE = "scan-result.schema.json"  # in the reports.schemas package
@@ -265,7 +265,7 @@ def _report_cluster(c: ClusterReport) -> ClusterDoc:
     }
 
 
-def _report_node(n: NodeRow) -> NodeDoc:
+def _report_node(n: NodeEntry) -> NodeDoc:
     probed = n.addresses or [{"address": n.address, "state": n.state,
                               "protocol": n.protocol, "felix": n.felix}]
     return {"name": n.name, "address": n.address, "port": n.port, "state": n.state,

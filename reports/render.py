@@ -31,7 +31,7 @@ from scanner.db.queries.history import (
     DayPoint,
     FindingItem,
     NodeChange,
-    NodeRow,
+    NodeEntry,
     ReportData,
     natural_key,
 )
@@ -149,7 +149,7 @@ class ChangeLine:
 class ClusterView:
     c: ClusterReport
     anchor: str
-    listed: list[NodeRow]  # failing and unknown nodes, in full
+    listed: list[NodeEntry]  # failing and unknown nodes, in full
     passing: int
     passing_states: list[tuple[str, int]]
     passing_names: list[str]
@@ -182,7 +182,7 @@ def _cluster_view(c: ClusterReport, data: ReportData) -> ClusterView:
              if str(e.get("name", "")).lower().startswith("felix_")])
 
 
-def _listing(nodes: Sequence[NodeRow]) -> tuple[str, list[str]]:
+def _listing(nodes: Sequence[NodeEntry]) -> tuple[str, list[str]]:
     """Failing/unknown nodes as aligned text, one node a line (details on a second line)."""
     width = min(max(len(n.name) for n in nodes), 56)
     head = (f"{'NODE':<{width}}  {'ADDRESS:PORT':<21}  {'PROBE':<20}  FELIX  "
@@ -201,7 +201,7 @@ def _listing(nodes: Sequence[NodeRow]) -> tuple[str, list[str]]:
     return head, blocks
 
 
-def _other_host(n: NodeRow) -> str | None:
+def _other_host(n: NodeEntry) -> str | None:
     # Felix names its own host in felix_host{host=...}; only a different name is news (the
     # address answers for another node).
     if n.felix_host and n.felix_host != n.name:
@@ -209,7 +209,7 @@ def _other_host(n: NodeRow) -> str | None:
     return None
 
 
-def _certificate(n: NodeRow) -> str | None:
+def _certificate(n: NodeEntry) -> str | None:
     if not (n.tls_version or n.tls_sha256):
         return None
     parts = [n.tls_version or "TLS"]

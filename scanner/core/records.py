@@ -2,6 +2,9 @@
 
 collect -> ClusterSnapshot, probe -> ProbeResult, evaluate -> ClusterResult. No stage hands a
 raw Kubernetes client model or an ORM row to another; only these dataclasses cross the seams.
+Records are frozen and named for what they describe (`...Snapshot`, `...Result`, `...Target`);
+the suffix `Row` belongs to the mutable ORM rows of `scanner.db.models` (the naming rule is
+written out there).
 """
 
 from __future__ import annotations

@@ -2,6 +2,15 @@
 
 The schema itself is created only by the Alembic migrations in `migrations/`; a test fails when
 these models and the migrations drift apart.
+
+Naming rule, rows vs records: a class here is an ORM *row*, named in the singular for one row of
+its table (`ClusterScan` is a `cluster_scans` row, `FindingRow` a `findings` row); rows are
+mutable, belong to a session, and are written only inside `scanner.db`. A row read outside it
+(`Store.remediation`) is detached and only read. Everything that crosses a layer is an immutable
+*record*, a frozen dataclass named for what it describes, never with the suffix `Row`: the
+pipeline's records in `scanner.core.records` (`...Snapshot`, `...Result`, `...Target`) and the
+query results of `scanner.db.queries` (`...Report`, `...Page`, `...Point`, `...Entry`, `...Item`).
+A column keeps the name of the setting or record field it stores.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from scanner.kube.read import collect
 from scanner.kube.write import KubeWriter, ObjectRef
 from scanner.remediate.guards import generation_of, human_duration
 from scanner.remediate.plan import object_change, snapshot_of
-from scanner.remediate.record import ActionRow
+from scanner.remediate.record import ActionRecorder
 from scanner.remediate.records import (
     REMOVE,
     ObjectChange,
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 def execute(settings: Settings, cs: ClusterSettings, plan: Plan, *, writer: KubeWriter,
              store: Store, trigger: str, options: RemediateOptions,
              progress: Progress | None, lock: HeldLock | None = None) -> RemediationResult:
-    run = ActionRow(store, store.add_remediation(
+    run = ActionRecorder(store, store.add_remediation(
         cluster=plan.cluster, started_at=datetime.now(UTC), finished_at=None,
         trigger=trigger[:64], install=plan.install, mode=plan.mode, outcome="applying",
         message=None, objects=[], verify_run_id=None, rollback_of=plan.rollback_of))
@@ -61,13 +61,13 @@ def execute(settings: Settings, cs: ClusterSettings, plan: Plan, *, writer: Kube
         raise
 
 
-def _undo(plan: Plan, run: ActionRow) -> str:
+def _undo(plan: Plan, run: ActionRecorder) -> str:
     if plan.mode == "apply":
         return f"; roll back with --rollback {run.action_id}"
     return f"; run --rollback {plan.rollback_of} again to finish restoring"
 
 
-def _steps(settings: Settings, cs: ClusterSettings, plan: Plan, run: ActionRow, *,
+def _steps(settings: Settings, cs: ClusterSettings, plan: Plan, run: ActionRecorder, *,
            writer: KubeWriter, options: RemediateOptions,
            progress: Progress | None, lock: HeldLock | None = None) -> RemediationResult:
     def finish(outcome: Outcome, message: str, *, rollout: RolloutReport | None = None,

@@ -35,7 +35,7 @@ def admit(plan: Plan, *, store: Store, trigger: str, confirm: Confirm | None) ->
 
 
 @dataclass
-class ActionRow:
+class ActionRecorder:
     """The action row being written while a remediation runs."""
 
     store: Store

@@ -51,7 +51,7 @@ REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
 
 
 @dataclass(frozen=True, slots=True)
-class _Row:
+class _ClusterLine:
     name: str
     href: str
     latest: LatestScan | None
@@ -106,7 +106,7 @@ def overview(request: Request) -> Response:
     since = today - timedelta(days=OVERVIEW_DAYS - 1)
     overviews = fleet_overview(st.store, since=since, configured=st.configured)
     job_map = st.jobs()
-    rows = [_Row(name=o.name, href=cluster_href(o.name), latest=o.latest,
+    rows = [_ClusterLine(name=o.name, href=cluster_href(o.name), latest=o.latest,
                  status_text=_status_text(o.latest.status) if o.latest else "",
                  spark=sparkline(o.points, since=since, until=today),
                  job=job_map.get(o.name)) for o in overviews]

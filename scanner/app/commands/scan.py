@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
                       help="print one JSON document (the same as --format json)")
     scan.add_argument("--format", choices=OUTPUT_FORMATS, dest="output_format",
                       help="text (default: a summary per cluster); json (the versioned "
-                      "document, schema in scanner/schemas/scan-result.schema.json); sarif "
+                      "document, schema in reports/schemas/scan-result.schema.json); sarif "
                       "(SARIF 2.1.0); junit (JUnit XML: a suite per cluster, a case per "
                       "node); ocsf (OCSF Compliance Finding events); csv (a row per finding)")
     scan.add_argument("--output", metavar="FILE",

@@ -54,7 +54,7 @@ class ScanRef:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeRow:
+class NodeEntry:
     """One node of the latest scan: what was probed, what answered, and the verdict."""
 
     name: str
@@ -156,7 +156,7 @@ class ClusterReport:
     nodes_pass: int
     nodes_fail: int
     nodes_unknown: int
-    nodes: tuple[NodeRow, ...]  # failing first, then unknown, then passing; natural name order
+    nodes: tuple[NodeEntry, ...]  # failing first, then unknown, then passing; natural name order
     nodes_pruned_at: datetime | None  # retention removed the node rows (the counts remain)
     findings: tuple[FindingItem, ...]  # worst first
     series: tuple[DayPoint, ...]
@@ -357,17 +357,17 @@ _NODE_COLUMNS = (NodeProbe.node.label("name"), NodeProbe.address, NodeProbe.port
                  NodeProbe.addresses, NodeProbe.declared_host)
 
 
-def _nodes(s: Session, cluster_scan_id: int) -> tuple[NodeRow, ...]:
+def _nodes(s: Session, cluster_scan_id: int) -> tuple[NodeEntry, ...]:
     # Plain column tuples, not ORM objects: at 5,000 nodes identity-mapping them costs more
     # than the query.
-    rows = [NodeRow(**r._mapping) for r in s.execute(
+    rows = [NodeEntry(**r._mapping) for r in s.execute(
         select(*_NODE_COLUMNS).where(NodeProbe.cluster_scan_id == cluster_scan_id))]
     rows.sort(key=lambda n: (VERDICT_ORDER.get(n.verdict, 1), natural_key(n.name), n.port))
     return tuple(rows)
 
 
 def _changes(previous: ScanRef, before: Mapping[str, str],
-             latest: Iterable[NodeRow]) -> Changes:
+             latest: Iterable[NodeEntry]) -> Changes:
     after: dict[str, str] = {}
     for n in latest:  # a node probed on several ports counts with its worst verdict
         if n.name not in after or VERDICT_ORDER.get(n.verdict, 1) < VERDICT_ORDER[after[n.name]]:
