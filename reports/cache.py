@@ -1,5 +1,5 @@
 """Report downloads of `felixscan serve`: `ReportCache` renders a report once per data hash and
-serves the file after that.
+serves the file after that; with `report.signing` configured, every PDF it serves is signed.
 """
 
 from __future__ import annotations
@@ -11,18 +11,22 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from reports.integrity import canonical_json, report_hash
+from reports.integrity import canonical_json, report_data, report_hash
 from reports.render import render_html, render_pdf
-from scanner.core.errors import ConfigError
+from scanner.core.config import SigningSettings
+from scanner.core.errors import ConfigError, SigningError
 from scanner.db.queries.history import load_report
 from scanner.db.store import Store
+
+if TYPE_CHECKING:
+    from reports.signing import SignerInfo
 
 log = logging.getLogger(__name__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -46,6 +50,7 @@ class CachedReport:
     # open file stays readable. The caller closes it.
     file: BinaryIO
     size: int
+    signed: bool = False  # a PDF with a PAdES signature (`report.signing`)
 
     def close(self) -> None:
         self.file.close()
@@ -59,7 +64,20 @@ class ReportCache:
     only; nothing a request sends ever becomes part of a path.
     """
 
-    def __init__(self, directory: Path, *, entries: int = 64, parallel: int = 2) -> None:
+    def __init__(self, directory: Path, *, entries: int = 64, parallel: int = 2,
+                 signing: SigningSettings | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.signing = signing
+        self._environ = environ  # where `signing.passphrase_env` is looked up (os.environ)
+        self._signer: SignerInfo | None = None
+        if signing is not None:
+            from reports.signing import check_signing  # pyHanko: only when signing
+
+            # At start-up, not at the first download: a wrong passphrase or an expired
+            # certificate stops `serve` with a clear message (SigningError, exit 2).
+            self._signer = check_signing(signing, environ=environ)
+            log.info("PDF downloads are signed by %s%s", self._signer.subject,
+                     ", timestamped" if signing.tsa_url else "")
         self.directory = directory
         self.entries = entries
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -82,15 +100,25 @@ class ReportCache:
         cluster, empty period) like the CLI."""
         data = load_report(store, clusters=clusters, since=since, until=until, now=now)
         key = hashlib.sha256(canonical_json(replace(data, generated_at=_EPOCH))).hexdigest()
+        signer = self._signer if fmt == "pdf" else None
+        if signer is not None:
+            # Signed and unsigned copies (and copies by another signer) never share a file,
+            # so turning signing on or changing the key takes effect in a cache kept on disk.
+            key = hashlib.sha256(f"{key} signed-by {signer.fingerprint}".encode()).hexdigest()
+        signed = signer is not None
         with self._key_lock(key):
             hit = self._open(key, fmt)
             if hit is not None:
-                return hit
+                return replace(hit, signed=signed)
             with self._renders:
                 raw = canonical_json(data)
                 digest = report_hash(raw)
-                html = render_html(data, digest=digest)
+                # from the hashed bytes, as build_report does: `report verify` renders the
+                # same pages again from the file
+                html = render_html(report_data(raw), digest=digest)
                 body = self._pdf(html, raw) if fmt == "pdf" else html.encode("utf-8")
+                if signed:
+                    body = self._sign(body, digest)
             path = self.directory / f"{key}.{digest}.{fmt}"
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".render-")
             # Opened before it gets its name: once named, another request may evict it.
@@ -110,7 +138,20 @@ class ReportCache:
             fh.close()
             raise
         log.info("rendered %s report %s (%d bytes)", fmt, digest[:12], len(body))
-        return CachedReport(path, fmt, digest, key, cached=False, file=fh, size=len(body))
+        return CachedReport(path, fmt, digest, key, cached=False, file=fh, size=len(body),
+                            signed=signed)
+
+    def _sign(self, pdf: bytes, digest: str) -> bytes:
+        # In this thread, not the layout child: signing a laid-out PDF is short next to the
+        # layout, and the key material then never crosses a process boundary.
+        from reports.signing import sign_report
+
+        assert self.signing is not None
+        try:
+            return sign_report(pdf, signing=self.signing, environ=self._environ)
+        except SigningError as exc:
+            log.error("cannot sign report %s: %s", digest[:12], exc)
+            raise
 
     def _pdf(self, html: str, raw: bytes) -> bytes:
         # PDF layout runs in a fresh child process per report: WeasyPrint holds the GIL for

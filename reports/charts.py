@@ -6,7 +6,8 @@ Every text that goes into the SVG is passed through `markupsafe.escape`, like th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import date, timedelta
 
 from markupsafe import Markup, escape
@@ -48,19 +49,41 @@ def _ticks(since: date, days: int) -> list[tuple[int, str]]:
     return ticks
 
 
-def trend_chart(series: Sequence[DayPoint], *, since: date, until: date) -> Markup:
+@dataclass(frozen=True, slots=True)
+class Scale:
+    """The axes several charts share, so that they read alike side by side: where the ratio
+    axis starts, and the top of the node axis."""
+
+    ratio_floor: float
+    nodes_top: int
+
+
+def shared_scale(serieses: Iterable[Sequence[DayPoint]]) -> Scale:
+    """One scale for every chart of a report: the lowest floor and the highest top any needs."""
+    points = [p for series in serieses for p in series]
+    ratios = [p.ratio for p in points if p.ratio is not None]
+    return Scale(ratio_floor=_floor(ratios),
+                 nodes_top=_nice_max(max((p.failing + p.unknown for p in points), default=0)))
+
+
+def _floor(ratios: Sequence[float]) -> float:
+    # The ratio axis starts at 0 unless every day stayed high; then it zooms (and says so on
+    # the axis) so that a dip from 100 % to 99 % stays visible at 5,000 nodes.
+    return min(0.9, math.floor(min(ratios) * 10) / 10) if ratios else 0.0
+
+
+def trend_chart(series: Sequence[DayPoint], *, since: date, until: date,
+                scale: Scale | None = None) -> Markup:
     """Compliance ratio (line, left axis) and failing/unknown nodes (stacked bars, right axis)
-    for each day of the period; days without a scan are left as gaps."""
+    for each day of the period; days without a scan are left as gaps. `scale`: axes shared with
+    the other charts of the same report (default: this series' own)."""
     days = (until - since).days + 1
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     base = TOP + plot_h
     slot = plot_w / days
     bar = max(min(slot * 0.8, 14.0), 0.6)
-    ratios = [p.ratio for p in series if p.ratio is not None]
-    # The ratio axis starts at 0 unless every day stayed high; then it zooms (and says so on
-    # the axis) so that a dip from 100 % to 99 % stays visible at 5,000 nodes.
-    low = min(0.9, math.floor(min(ratios) * 10) / 10) if ratios else 0.0
-    top_nodes = _nice_max(max((p.failing + p.unknown for p in series), default=0))
+    scale = scale or shared_scale([series])
+    low, top_nodes = scale.ratio_floor, scale.nodes_top
 
     def x(day: date) -> float:
         return LEFT + ((day - since).days + 0.5) * slot

@@ -4,6 +4,7 @@ The hash printed in a report is `sha256(canonical_json(data))`. The PDF embeds t
 bytes as the attachment `felixscan-report-data.json` and records the hash twice more, where
 `verify_pdf` looks for it: in the document keywords (`sha256:<hex>`, Info dictionary and XMP)
 and in the attachment's description. The printed page footers carry it for a human reader.
+`report_data` reads the embedded bytes back into the `ReportData` they were made from.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import dataclasses
 import hashlib
 import json
 import re
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 from scanner.core.errors import ReportError
+from scanner.db.queries.history import ReportData
 
 ATTACHMENT_NAME = "felixscan-report-data.json"
 HASH_PREFIX = "sha256:"
@@ -62,6 +66,8 @@ class VerifyResult:
     printed: bool  # the expected hash appears in the text of the first page
     canonical: bool  # the embedded data is in canonical form
     reason: str
+    # the embedded data itself, for `report_data` (None: there is no attachment)
+    content: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def verify_pdf(path: str | Path) -> VerifyResult:
@@ -103,7 +109,8 @@ def verify_pdf(path: str | Path) -> VerifyResult:
     else:
         reason = "the embedded data matches the SHA-256 recorded and printed in the report"
     return VerifyResult(matched=actual == expected and printed, expected=expected,
-                        actual=actual, printed=printed, canonical=canonical, reason=reason)
+                        actual=actual, printed=printed, canonical=canonical, reason=reason,
+                        content=content)
 
 
 def _is_canonical(raw: bytes) -> bool:
@@ -111,3 +118,60 @@ def _is_canonical(raw: bytes) -> bool:
         return canonical_json(json.loads(raw)) == raw
     except (UnicodeDecodeError, ValueError):
         return False
+
+
+def report_data(raw: bytes) -> ReportData:
+    """The `ReportData` that `canonical_json` made `raw` from, rebuilt (dates, tuples and
+    nested records included). Raises ReportError when `raw` does not fit this felixscan's
+    report data, or does not encode back to exactly `raw` (so nothing was lost on the way).
+    """
+    try:
+        data = _decode(ReportData, json.loads(raw), "data")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ReportError(f"the embedded data does not fit this felixscan's report data: "
+                          f"{exc}") from exc
+    if not isinstance(data, ReportData) or canonical_json(data) != raw:
+        raise ReportError("the embedded data does not read back to the same bytes")
+    return data
+
+
+def _decode(tp: Any, value: Any, where: str) -> Any:
+    """`value` (parsed JSON) as the type `tp` of a report data field; the inverse of
+    `to_jsonable`. Values are not coerced (an int stays an int in a float field) so that the
+    result encodes back to the same bytes."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) != 1:
+            raise TypeError(f"{where}: cannot tell which of {tp} it is")
+        return _decode(options[0], value, where)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected an object for {tp.__name__}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        if set(value) - names:
+            raise TypeError(f"{where}: unknown field(s) {', '.join(sorted(set(value) - names))}")
+        return tp(**{k: _decode(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise TypeError(f"{where}: expected a list")
+        (item, *_) = typing.get_args(tp)
+        items = [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected an object")
+        return value  # free-form (Mapping[str, Any]): kept as parsed
+    if tp is datetime:
+        return datetime.fromisoformat(value)
+    if tp is date:
+        return date.fromisoformat(value)
+    expected = (int, float) if tp is float else tp
+    if not isinstance(value, expected) or (tp is not bool and isinstance(value, bool)):
+        raise TypeError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+    return value

@@ -25,17 +25,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from scanner import __version__
+from scanner.core.controls import catalogue
 from scanner.core.findings import RULES
 from scanner.core.records import ClusterResult, NodeResult
+from scanner.core.waivers import waiver_json
 
 if TYPE_CHECKING:
     from scanner.db.queries.history import ClusterReport, NodeEntry, ReportData
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: waivers (node verdict waived, totals.waived, waivers)
 SCHEMA_RESOURCE = "scan-result.schema.json"  # in the reports.schemas package
 TOOL_NAME = "felixscan"
 FORMATS = ("text", "json", "sarif", "junit", "ocsf", "csv")  # what `scan --format` takes
-CSV_COLUMNS = ("cluster", "node", "id", "severity", "title", "message", "fix")
+CSV_COLUMNS = ("cluster", "node", "id", "severity", "title", "message", "fix", "waiver")
 SARIF_SCHEMA_URI = ("https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/"
                     "sarif-schema-2.1.0.json")
 OCSF_VERSION = "1.5.0"  # the OCSF schema version the events follow (py-ocsf-models 0.10 checks it)
@@ -53,7 +55,8 @@ _OCSF_SEVERITY = {"critical": (5, "Critical"), "high": (4, "High"), "medium": (3
                   "low": (2, "Low"), "info": (1, "Informational")}
 # OCSF compliance status: 1 Pass, 2 Warning (no result for want of information), 3 Fail.
 _OCSF_STATUS = {"pass": (1, "Pass"), "compliant": (1, "Pass"), "unknown": (2, "Warning"),
-                "error": (2, "Warning"), "fail": (3, "Fail"), "non_compliant": (3, "Fail")}
+                "error": (2, "Warning"), "fail": (3, "Fail"), "non_compliant": (3, "Fail"),
+                "waived": (3, "Fail")}  # the check fails; the finding is Suppressed
 # XML 1.0 has no way to carry these characters at all, escaped or not.
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
@@ -88,6 +91,8 @@ class NodeDoc(TypedDict):
     protocol: str | None
     felix: bool | None
     verdict: str
+    waiver: str | None
+    node_view: NotRequired[dict[str, Any] | None]  # node-check's view (scan: when configured)
     declared_enabled: bool | None
     declared_source: str | None
     declared_host: str | None
@@ -106,10 +111,13 @@ class FindingDoc(TypedDict):
     title: str
     fix: str
     evidence: dict[str, Any]
+    waiver: str | None
+    controls: list[dict[str, Any]]
 
 
 # "pass" is a keyword: the functional syntax
-TotalsDoc = TypedDict("TotalsDoc", {"nodes": int, "pass": int, "fail": int, "unknown": int})
+TotalsDoc = TypedDict("TotalsDoc", {"nodes": int, "pass": int, "fail": int, "unknown": int,
+                                     "waived": int})
 
 
 class ScanRefDoc(TypedDict):
@@ -128,6 +136,8 @@ class ClusterDoc(TypedDict):
     findings: list[FindingDoc]
     error: str | None
     totals: TotalsDoc
+    waivers: list[dict[str, Any]]
+    vantages: NotRequired[list[dict[str, Any]]]  # report only: latest scan per vantage point
     scan: ScanRefDoc
     timings: NotRequired[dict[str, float]]  # scan only: seconds per stage
     nodes_pruned_at: NotRequired[str | None]  # report only: retention removed the node rows
@@ -152,6 +162,7 @@ class Document(TypedDict):
     started_at: NotRequired[str]
     finished_at: NotRequired[str]
     report: NotRequired[ReportDoc]  # a report from the database: this instead
+    vantage: NotRequired[str]  # a scan: where its probes came from
 
 
 def tool() -> Tool:
@@ -159,11 +170,15 @@ def tool() -> Tool:
 
 
 def scan_document(*, scan_id: int, started_at: datetime, finished_at: datetime,
-                  clusters: Iterable[ClusterResult]) -> Document:
+                  clusters: Iterable[ClusterResult], vantage: str | None = None) -> Document:
     """The JSON document of one scan (`felixscan scan --format json`)."""
-    return {"schema_version": SCHEMA_VERSION, "tool": tool(), "scan_id": scan_id,
-            "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat(),
-            "clusters": [cluster_json(c, scan_id=scan_id) for c in clusters]}
+    doc: Document = {"schema_version": SCHEMA_VERSION, "tool": tool(), "scan_id": scan_id,
+                     "started_at": started_at.isoformat(),
+                     "finished_at": finished_at.isoformat(),
+                     "clusters": [cluster_json(c, scan_id=scan_id) for c in clusters]}
+    if vantage is not None:
+        doc["vantage"] = vantage
+    return doc
 
 
 def cluster_json(c: ClusterResult, *, scan_id: int = 0) -> ClusterDoc:
@@ -183,11 +198,12 @@ def cluster_json(c: ClusterResult, *, scan_id: int = 0) -> ClusterDoc:
                             "reason": declared.reason} if declared else None,
         "nodes": [_node_json(n) for n in c.nodes],
         "findings": [_finding_json(f.id, severity=f.severity, node=f.node, message=f.message,
-                                   fix=f.remediation, evidence=f.evidence)
+                                   fix=f.remediation, evidence=f.evidence, waiver=f.waiver)
                      for f in c.findings],
         "error": c.error,
         "timings": {k: round(v, 3) for k, v in c.timings.items()},
         "totals": _totals(n.verdict for n in c.nodes),
+        "waivers": [waiver_json(w) for w in c.waivers],
         "scan": {"scan_id": scan_id, "started_at": c.started_at.isoformat(),
                  "finished_at": c.finished_at.isoformat()},
     }
@@ -196,7 +212,9 @@ def cluster_json(c: ClusterResult, *, scan_id: int = 0) -> ClusterDoc:
 def _node_json(n: NodeResult) -> NodeDoc:
     return {"name": n.node, "address": n.address, "port": n.port, "state": n.probe.state,
             "protocol": n.probe.protocol, "felix": n.probe.felix, "verdict": n.verdict,
-            "declared_enabled": n.declared.enabled, "declared_source": n.declared.source,
+            "waiver": n.waiver, "node_view": n.view.as_json() if n.view else None,
+            "declared_enabled": n.declared.enabled,
+            "declared_source": n.declared.source,
             "declared_host": n.declared.host, "declared_reason": n.declared.reason,
             "pod": n.declared.pod, "pod_current": n.pod_current, "error": n.probe.error,
             "addresses": [{"address": p.address, "state": p.state, "protocol": p.protocol,
@@ -204,22 +222,25 @@ def _node_json(n: NodeResult) -> NodeDoc:
 
 
 def _finding_json(rule_id: str, *, severity: str, node: str | None, message: str, fix: str,
-                  evidence: Mapping[str, Any]) -> FindingDoc:
+                  evidence: Mapping[str, Any], waiver: str | None) -> FindingDoc:
     rule = RULES.get(rule_id)
     return {"id": rule_id, "severity": severity, "node": node, "message": message,
             "title": rule.title if rule else rule_id,
             "fix": fix or (rule.remediation if rule else ""),
-            "evidence": _plain(evidence)}
+            "evidence": _plain(evidence), "waiver": waiver,
+            "controls": catalogue().refs(rule_id)}
 
 
 def _totals(verdicts: Iterable[str]) -> TotalsDoc:
-    totals: TotalsDoc = {"nodes": 0, "pass": 0, "fail": 0, "unknown": 0}
+    totals: TotalsDoc = {"nodes": 0, "pass": 0, "fail": 0, "unknown": 0, "waived": 0}
     for v in verdicts:
         totals["nodes"] += 1
         if v == "pass":
             totals["pass"] += 1
         elif v == "fail":
             totals["fail"] += 1
+        elif v == "waived":
+            totals["waived"] += 1
         else:
             totals["unknown"] += 1
     return totals
@@ -253,12 +274,17 @@ def _report_cluster(c: ClusterReport) -> ClusterDoc:
         "declared_detail": detail,
         "nodes": [_report_node(n) for n in c.nodes],
         "findings": [_finding_json(f.id, severity=f.severity, node=f.node, message=f.message,
-                                   fix=f.remediation, evidence=f.evidence)
+                                   fix=f.remediation, evidence=f.evidence, waiver=f.waiver)
                      for f in c.findings],
         "error": c.error,
         # The stored counts: they outlive the node rows that retention prunes.
         "totals": {"nodes": c.nodes_total, "pass": c.nodes_pass, "fail": c.nodes_fail,
-                   "unknown": c.nodes_unknown},
+                   "unknown": c.nodes_unknown, "waived": c.nodes_waived},
+        "waivers": [dict(w) for w in c.waivers],
+        "vantages": [{"vantage": v.vantage, "scan_id": v.scan.scan_id,
+                      "started_at": _iso(v.scan.started_at), "status": v.scan.status,
+                      "failing": list(v.failing), "unknown": v.unknown}
+                     for v in c.vantages],
         "scan": {"scan_id": c.latest.scan_id, "started_at": _iso(c.latest.started_at),
                  "finished_at": _iso(c.latest.finished_at)},
         "nodes_pruned_at": _iso(c.nodes_pruned_at) if c.nodes_pruned_at else None,
@@ -270,6 +296,7 @@ def _report_node(n: NodeEntry) -> NodeDoc:
                               "protocol": n.protocol, "felix": n.felix}]
     return {"name": n.name, "address": n.address, "port": n.port, "state": n.state,
             "protocol": n.protocol, "felix": n.felix, "verdict": n.verdict,
+            "waiver": None,  # stored per scan (`waivers`), not per node
             "declared_enabled": n.declared_enabled, "declared_source": n.declared_source,
             "declared_host": n.declared_host, "pod_current": n.pod_current, "error": n.error,
             "addresses": [{"address": a.get("address"), "state": str(a.get("state")),
@@ -298,12 +325,13 @@ def encode(doc: Document, fmt: str) -> str:
 
 
 def render_scan(fmt: str, *, scan_id: int, started_at: datetime, finished_at: datetime,
-                clusters: Sequence[ClusterResult]) -> str:
+                clusters: Sequence[ClusterResult], vantage: str | None = None) -> str:
     """What `felixscan scan --format FMT` prints for one scan."""
     if fmt == "text":
         return scan_text(clusters)
     return encode(scan_document(scan_id=scan_id, started_at=started_at,
-                                finished_at=finished_at, clusters=clusters), fmt)
+                                finished_at=finished_at, clusters=clusters,
+                                vantage=vantage), fmt)
 
 
 def write_output(path: str | os.PathLike[str], text: str) -> int:
@@ -340,7 +368,8 @@ def scan_text(clusters: Iterable[ClusterResult]) -> str:
 
 
 def summary_line(c: ClusterResult) -> str:
-    counts = {v: sum(1 for n in c.nodes if n.verdict == v) for v in ("pass", "fail", "unknown")}
+    counts = {v: sum(1 for n in c.nodes if n.verdict == v)
+              for v in ("pass", "fail", "unknown", "waived")}
     head = f"{c.cluster}: {c.status.upper().replace('_', '-')}"
     if c.status == "error" and not c.nodes:
         return f"{head} ({c.error})"
@@ -349,8 +378,12 @@ def summary_line(c: ClusterResult) -> str:
              else "enabled" if declared.enabled else "disabled")
     source = f" by {declared.source}" if declared else ""
     line = (f"{head} [{c.install}] metrics {state}{source}; nodes: {len(c.nodes)} "
-            f"({counts['pass']} pass, {counts['fail']} fail, {counts['unknown']} unknown)")
-    worst = [f for f in c.findings if f.severity in ("critical", "high")][:3]
+            f"({counts['pass']} pass, {counts['fail']} fail, {counts['unknown']} unknown"
+            + (f", {counts['waived']} waived" if counts["waived"] else "") + ")")
+    if c.waivers:
+        line += f"; {len(c.waivers)} waiver(s) applied"
+    worst = [f for f in c.findings
+             if f.severity in ("critical", "high") and f.waiver is None][:3]
     for f in worst:
         line += f"\n  {f.severity.upper()} {f.id}{' ' + f.node if f.node else ''}: {f.message}"
     if len([f for f in c.findings if f.severity in ("critical", "high")]) > 3:
@@ -391,6 +424,7 @@ def to_sarif(doc: Document) -> str:
     results: list[dict[str, Any]] = []
     for c in doc["clusters"]:
         verdicts = {n["name"]: n["verdict"] for n in c["nodes"]}
+        waivers = {w["id"]: w for w in c.get("waivers", [])}
         for f in c["findings"]:
             index = logical(c["name"], f["node"])
             where = locations[index]
@@ -413,11 +447,24 @@ def to_sarif(doc: Document) -> str:
                     "kind": where["kind"]}]}],
                 "partialFingerprints": {"felixscanFinding/v1": _fingerprint(c["name"], f)},
                 "properties": props,
+                **_sarif_suppression(waivers.get(f.get("waiver") or "")),
             })
 
+    taxonomies = _sarif_taxonomies()
+    taxonomy_index = {t["name"]: i for i, t in enumerate(taxonomies)}
+    for rule in rules:
+        for rel in rule.get("relationships", []):
+            target = rel["target"]
+            t = taxonomy_index[target["toolComponent"]["name"]]
+            target["toolComponent"]["index"] = t
+            target["index"] = next(i for i, taxon in enumerate(taxonomies[t]["taxa"])
+                                   if taxon["id"] == target["id"])
     run: dict[str, Any] = {
         "tool": {"driver": {"name": TOOL_NAME, "version": doc["tool"]["version"],
-                            "rules": rules}},
+                            "rules": rules,
+                            "supportedTaxonomies": [{"name": t["name"], "index": i}
+                                                    for i, t in enumerate(taxonomies)]}},
+        "taxonomies": taxonomies,
         "results": results,
         "properties": _run_properties(doc),
     }
@@ -437,6 +484,18 @@ def to_sarif(doc: Document) -> str:
     return json.dumps(log, indent=2, default=_jsonable) + "\n"
 
 
+def _sarif_suppression(waiver: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A waived finding: SARIF's own way to say "accepted, not fixed" (an external
+    suppression, status accepted), so viewers show it apart and do not count it as open."""
+    if not waiver:
+        return {}
+    return {"suppressions": [{
+        "kind": "external", "status": "accepted",
+        "justification": f"waiver {waiver['id']}: {waiver['reason']} (approved by "
+                         f"{waiver['approved_by']}, {waiver['created']} to {waiver['expires']})",
+        "properties": {"waiver": dict(waiver)}}]}
+
+
 def _sarif_rule(rule_id: str, doc: Document) -> dict[str, Any]:
     rule = RULES.get(rule_id)
     if rule is None:  # an ID stored by another felixscan version: describe it by its findings
@@ -454,7 +513,26 @@ def _sarif_rule(rule_id: str, doc: Document) -> dict[str, Any]:
         "properties": {"severity": severity, "tags": ["security", "compliance", "calico"],
                        "security-severity": _SECURITY_SEVERITY.get(severity, "5.5")},
     }
+    # The controls this finding evidences, as SARIF relationships into the run's taxonomies
+    # (one per standard of the control catalogue).
+    relationships = [{"target": {"id": m["control"], "toolComponent": {"name": m["standard"]}},
+                      "kinds": ["relevant"],
+                      "properties": {"strength": m["strength"], "title": m["title"]}}
+                     for m in catalogue().refs(rule_id)]
+    if relationships:
+        entry["relationships"] = relationships
     return entry
+
+
+def _sarif_taxonomies() -> list[dict[str, Any]]:
+    """The standards of the control catalogue, each a SARIF taxonomy of its controls."""
+    cat = catalogue()
+    return [{"name": s.id, "fullName": s.title, "version": s.version,
+             "organization": s.publisher, "informationUri": s.source_url,
+             "isComprehensive": False,
+             "taxa": [{"id": c.id, "name": c.title}
+                      for c in cat.controls if c.standard == s.id]}
+            for s in cat.standards]
 
 
 def _run_properties(doc: Document) -> dict[str, Any]:
@@ -484,7 +562,7 @@ def to_junit(doc: Document) -> str:
     node: <failure> for fail, <error> for unknown (never <skipped>: a check that could not run
     must not read as green), nothing for pass."""
     root = ET.Element("testsuites", name=TOOL_NAME)
-    totals = {"tests": 0, "failures": 0, "errors": 0}
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     for c in doc["clusters"]:
         suite = _junit_suite(c)
         root.append(suite)
@@ -492,7 +570,6 @@ def to_junit(doc: Document) -> str:
             totals[key] += int(suite.get(key, "0"))
     for key, value in totals.items():
         root.set(key, str(value))
-    root.set("skipped", "0")
     ET.indent(root)
     body = ET.tostring(root, encoding="unicode")
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
@@ -523,7 +600,7 @@ def _junit_suite(c: ClusterDoc) -> ET.Element:
     for f in c["findings"]:
         by_node.setdefault(f["node"], []).append(f)
     classname = _xml(f"{TOOL_NAME}.{c['name']}")
-    failures = errors = 0
+    failures = errors = skipped = 0
 
     case = ET.SubElement(suite, "testcase", name="cluster", classname=classname)
     own = by_node.get(None, [])
@@ -549,6 +626,12 @@ def _junit_suite(c: ClusterDoc) -> ET.Element:
                 f"({n['declared_source']}), port {n['port']} {n['state']}")
             _junit_result(case, "failure", message, _types(mine) or "fail", mine, node=n)
             failures += 1
+        elif n["verdict"] == "waived":
+            # An accepted risk: neither passed nor failed; the finding text says which waiver.
+            _junit_result(case, "skipped", f"waived: failing, risk accepted by {n['waiver']}"
+                          if n.get("waiver") else "waived: failing, risk accepted by a waiver",
+                          "waived", mine, node=n)
+            skipped += 1
         elif n["verdict"] != "pass":
             reason = next((f["message"] for f in mine if f["id"] == "NODE-NOT-VERIFIED"),
                           None) or n["error"] or n.get("declared_reason") or (
@@ -560,7 +643,7 @@ def _junit_suite(c: ClusterDoc) -> ET.Element:
     suite.set("tests", str(len(c["nodes"]) + 1))
     suite.set("failures", str(failures))
     suite.set("errors", str(errors))
-    suite.set("skipped", "0")
+    suite.set("skipped", str(skipped))
     return suite
 
 
@@ -664,8 +747,9 @@ def _ocsf_event(doc: Document, c: ClusterDoc, f: FindingDoc, node: NodeDoc | Non
         "timezone_offset": 0,
         "severity_id": severity_id,
         "severity": severity,
-        "status_id": 1,
-        "status": "New",
+        # A waived finding is accepted, not open: OCSF's finding status Suppressed.
+        "status_id": 3 if f.get("waiver") else 1,
+        "status": "Suppressed" if f.get("waiver") else "New",
         "message": f["message"],
         "metadata": {
             "version": OCSF_VERSION,
@@ -685,7 +769,9 @@ def _ocsf_event(doc: Document, c: ClusterDoc, f: FindingDoc, node: NodeDoc | Non
         "compliance": {
             "control": CONTROL,
             "desc": CONTROL_TEXT,
-            "standards": [f"{TOOL_NAME} {CONTROL}"],
+            "standards": [f"{TOOL_NAME} {CONTROL}", *sorted(
+                {catalogue().standard(m["standard"]).title for m in f.get("controls", [])})],
+            "requirements": [f"{m['standard']} {m['control']}" for m in f.get("controls", [])],
             "status_id": status_id,
             "checks": [{"uid": f["id"], "name": f["title"], "severity": severity,
                         "severity_id": severity_id, "status": status,
@@ -714,7 +800,7 @@ def to_csv(doc: Document) -> str:
         for f in c["findings"]:
             writer.writerow([csv_cell(v) for v in (c["name"], f["node"], f["id"],
                                                     f["severity"], f["title"], f["message"],
-                                                    f["fix"])])
+                                                    f["fix"], f.get("waiver"))])
     return buffer.getvalue()
 
 

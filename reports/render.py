@@ -21,8 +21,9 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
-from reports.charts import trend_chart
+from reports.charts import shared_scale, trend_chart
 from reports.integrity import ATTACHMENT_NAME, HASH_PREFIX, report_hash
+from scanner.core.controls import catalogue, control_statuses
 from scanner.core.errors import ReportError
 from scanner.core.findings import RULES
 from scanner.db.queries.history import (
@@ -52,8 +53,17 @@ def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(yesno=_yesno, when=_when, pct=_pct, num=_num, state=_declared,
-                       other_host=_other_host, code_spans=code_spans)
+                       other_host=_other_host, code_spans=code_spans, duration=_duration)
     return env
+
+
+def _duration(value: object) -> str:
+    """Seconds as a person reads them: `4 ms` below a second (never `0.00 s`), else `1.25 s`."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return str(value)
+    if value < 1:
+        return f"{value * 1000:.0f} ms" if value >= 0.0005 else "<1 ms"
+    return f"{value:.2f} s"
 
 
 @cache
@@ -71,7 +81,7 @@ def render_html(data: ReportData, *, digest: str | None = None) -> str:
         attachment_name=ATTACHMENT_NAME, summary=_summary(data),
         clusters=[_cluster_view(c, data) for c in data.clusters],
         scan_ids=compact_numbers(data.scan_ids), rules=_rules(data),
-        generated=_when(data.generated_at))
+        generated=_when(data.generated_at), controls=_controls(data))
 
 
 # --- PDF -----------------------------------------------------------------------------------
@@ -175,8 +185,9 @@ def _cluster_view(c: ClusterReport, data: ReportData) -> ClusterView:
         passing_names=compact_names(n.name for n in passing),
         common_source=next(iter(sources)) if len(sources) == 1 else None,
         listing=blocks, listing_header=header,
-        groups=_finding_groups(c), chart=trend_chart(c.series, since=data.since,
-                                                      until=data.until),
+        groups=_finding_groups(c), chart=trend_chart(
+            c.series, since=data.since, until=data.until,
+            scale=shared_scale(x.series for x in data.clusters)),
         stats=_stats(c.series, data.since, data.until), changes=_changes(c),
         env=[e for e in (c.configuration.get("env") or [])
              if str(e.get("name", "")).lower().startswith("felix_")])
@@ -240,6 +251,17 @@ def _finding_groups(c: ClusterReport) -> list[FindingGroup]:
     return groups
 
 
+def _controls(data: ReportData) -> list[dict[str, Any]]:
+    """Per standard, each control of the catalogue with its status at the latest scans."""
+    verified = not data.not_scanned and all(
+        c.status != "error" and not c.nodes_unknown for c in data.clusters)
+    statuses = control_statuses(((f.id, f.waiver) for c in data.clusters for f in c.findings),
+                                verified=verified)
+    cat = catalogue()
+    return [{"standard": s, "controls": [x for x in statuses if x.control.standard == s.id]}
+            for s in cat.standards]
+
+
 def _summary(data: ReportData) -> dict[str, Any]:
     status = Counter(c.status for c in data.clusters)
     groups = [g for c in data.clusters for g in _finding_groups(c)]
@@ -247,9 +269,17 @@ def _summary(data: ReportData) -> dict[str, Any]:
     return {
         "compliant": status["compliant"], "non_compliant": status["non_compliant"],
         "error": status["error"], "nodes": sum(c.nodes_total for c in data.clusters),
-        "failing": sum(c.nodes_fail for c in data.clusters),
+        # A node fails if any vantage's latest scan in the period fails it.
+        "failing": sum(len(c.failing_anywhere) if len(c.vantages) > 1 else c.nodes_fail
+                       for c in data.clusters),
         "unknown": sum(c.nodes_unknown for c in data.clusters),
         "passing": sum(c.nodes_pass for c in data.clusters),
+        "waived": sum(c.nodes_waived for c in data.clusters),
+        "overall": ("non_compliant" if status["non_compliant"] else "not_proven"
+                    if status["error"] or data.not_scanned or not data.clusters
+                    else "compliant"),
+        "vantages": sorted({c.method.scanner_host for c in data.clusters}),
+        "waivers": [(c.name, w) for c in data.clusters for w in c.waivers],
         "worst": groups[:WORST_FINDINGS], "more_findings": max(0, len(groups) - WORST_FINDINGS),
     }
 

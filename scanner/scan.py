@@ -10,20 +10,24 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+
+import yaml
 
 from scanner import __version__
 from scanner.core.calico import cluster_declared, resolve_nodes
 from scanner.core.config import ClusterSettings, Settings
-from scanner.core.errors import ClusterError, LockLost, StoreError
+from scanner.core.errors import ClusterError, ConfigError, LockLost, StoreError
 from scanner.core.evaluate import evaluate, failed_cluster, probe_targets
 from scanner.core.records import ClusterResult, ClusterSnapshot
+from scanner.core.waivers import NO_WAIVERS, WaiverSet, apply_waivers, parse_waivers
 from scanner.db.locks import DatabaseLock, HeldLock, cluster_lock_name, run_lock_name
 from scanner.db.runs import reconcile_runs
 from scanner.db.store import Store
@@ -54,6 +58,7 @@ class ScanOutcome:
     # another process may have scanned them meanwhile, so nothing was stored and the run is
     # aborted; nothing else may act on them under that lock either (auto-remediation).
     lock_lost: tuple[str, ...] = ()
+    vantage: str | None = None  # where the probes came from (settings.vantage; None: this host)
 
     @property
     def status(self) -> str:
@@ -175,6 +180,7 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
     died is recognised and marked aborted: each run does that for those it finds. `locks`
     takes them all (default: a `DatabaseLock` on `store`).
     """
+    waivers = load_waivers(settings, today=clock().date())  # a bad file: nothing is scanned
     store.ensure_schema()
     locks = locks or DatabaseLock(store)
     try:
@@ -182,7 +188,7 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
     except StoreError as exc:  # others' bookkeeping: this scan goes on (or fails on its own)
         log.error("runs of processes that are gone could not be marked aborted: %s", exc)
     started_at = clock()
-    run_id = store.begin_run(trigger=trigger, started_at=started_at)
+    run_id = store.begin_run(trigger=trigger, started_at=started_at, vantage=settings.vantage)
     shown = progress.current()
     scope = ExitStack()  # the run's log fields and progress, until the run is closed
     results: dict[int, ClusterResult] = {}
@@ -215,6 +221,7 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
             for future in as_completed(futures):
                 i = futures[future]
                 result, taken = future.result()
+                result = apply_waivers(result, waivers)
                 fence = taken or (held or {}).get(result.cluster)
                 shown.phase(result.cluster, "store")
                 t = time.monotonic()
@@ -260,7 +267,33 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
                        clusters=tuple(results[i] for i in sorted(results)),
                        stored=tuple(stored[i] for i in sorted(stored)),
                        store_errors=tuple(store_errors[i] for i in sorted(store_errors)),
-                       lock_lost=tuple(lost[i] for i in sorted(lost)))
+                       lock_lost=tuple(lost[i] for i in sorted(lost)),
+                       vantage=settings.vantage or socket.gethostname())
+
+
+def load_waivers(settings: Settings, *, today: date) -> WaiverSet:
+    """The accepted risks of `settings.waivers_file` as of `today` (none without one).
+
+    A file that cannot be read or is not a YAML list is a ConfigError: nothing is scanned. A
+    bad entry is not: it is reported as a WAIVER-INVALID finding and applies to nothing.
+    """
+    path = settings.waivers_file
+    if path is None:
+        return NO_WAIVERS
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}",
+                          source=settings.source, key="waivers_file") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}", source=settings.source,
+                          key="waivers_file") from exc
+    try:
+        return parse_waivers(data, source=path.name, today=today,
+                             max_days=settings.waiver_max_days)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}", source=settings.source,
+                          key="waivers_file") from exc
 
 
 def _unlocked_scan(cluster: ClusterSettings, *, collector: Collector,

@@ -143,8 +143,9 @@ class ServeStore(Store):
         self._open: set[int] = set()
         self._open_lock = threading.Lock()
 
-    def begin_run(self, *, trigger: str, started_at: datetime | None = None) -> int:
-        run_id = super().begin_run(trigger=trigger, started_at=started_at)
+    def begin_run(self, *, trigger: str, started_at: datetime | None = None,
+                  vantage: str | None = None) -> int:
+        run_id = super().begin_run(trigger=trigger, started_at=started_at, vantage=vantage)
         with self._open_lock:
             self._open.add(run_id)
         return run_id
@@ -522,7 +523,8 @@ def run_serve(settings: Settings, *, listen: str, environ: Mapping[str, str] | N
             stack.append(lambda: alerts.close(timeout=5.0))
         scheduler = ScanScheduler(settings, store, alerts=alerts, remediate=remediate)
         cache = ReportCache(settings.serve.report_cache_dir or _default_cache_dir(),
-                            entries=settings.serve.report_cache_entries)
+                            entries=settings.serve.report_cache_entries,
+                            signing=settings.report.signing, environ=env)
         stack.append(cache.close)
         app = create_app(store=store, auth=auth, schedule=scheduler, alerts=alerts,
                          stats=scheduler.stats, reports=cache,

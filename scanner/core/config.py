@@ -24,6 +24,7 @@ DEFAULT_DATABASE = "sqlite:///felixscan.db"
 ADDRESS_TYPES = ("InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_VANTAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,19 @@ class RemediationSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeCheckSettings:
+    """Where the node-check DaemonSet (`felixscan node-check`, deploy/overlays/node-check) runs,
+    so that the scan reads each node's own view of its listeners from the pods' logs
+    (`node_check:` of a cluster; absent: no node view is read)."""
+
+    namespace: str = "felixscan-node-check"
+    selector: str = "app.kubernetes.io/component=node-check"  # label selector of its pods
+    container: str = "node-check"
+    max_age_seconds: float = 300.0  # an older line is stale: the verdict does not rest on it
+    tail_lines: int = 20  # log lines read per pod; the newest valid one counts
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSettings:
     name: str
     kubeconfig: Path | None = None  # None with in_cluster: the pod's service account
@@ -81,6 +95,7 @@ class ClusterSettings:
     deadline_seconds: float = 120.0  # the whole collection of one cluster
     schedule: str | None = None  # overrides the global schedule for `serve`
     timezone: str | None = None  # zone of this cluster's schedule; None: serve.timezone
+    node_check: NodeCheckSettings | None = None  # read node-check's view of each node
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +128,33 @@ class AlertSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningSettings:
+    """How PDF reports are signed (`report.signing`): PAdES, timestamped when `tsa_url` is set.
+
+    Paths and where the passphrase comes from, never the passphrase itself: it is read when a
+    report is signed (`reports.signing`), so it is in no settings object, log or repr.
+    """
+
+    key: Path  # the private key (PEM or DER), or a PKCS#12 file holding key and certificate
+    cert: Path | None = None  # the signer's certificate (PEM, DER or a bundle); None: PKCS#12
+    passphrase_env: str | None = None  # the environment variable holding the key's passphrase
+    passphrase_file: Path | None = None  # or a file holding it (a mounted Secret)
+    tsa_url: str | None = None  # RFC 3161 time-stamping authority (PAdES B-T); None: B-B
+    reason: str | None = None  # the signature's /Reason
+    location: str | None = None  # the signature's /Location
+
+
+@dataclass(frozen=True, slots=True)
+class ReportSettings:
+    """Reports (`report:`)."""
+
+    signing: SigningSettings | None = None  # None: PDF reports are not signed
+    # On the cover, for sign-off: who prepared the report, and who owns the control.
+    preparer: str | None = None
+    owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     database: str
     clusters: tuple[ClusterSettings, ...]
@@ -120,6 +162,15 @@ class Settings:
     source: str | None = None  # the config file these came from, for messages
     serve: ServeSettings = field(default_factory=ServeSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+    # Accepted risks (scanner.core.waivers): a YAML list, reviewed like code; relative to the
+    # config file. Each waiver expires at most `waiver_max_days` after it was created.
+    waivers_file: Path | None = None
+    waiver_max_days: int = 365
+    # Where the probes come from, by name (`vantage`, $FELIXSCAN_VANTAGE, `scan --vantage`):
+    # e.g. corp-network for serve outside the clusters, pod-network for the in-cluster agent.
+    # None: the host name. Each scan records it; a node fails if any vantage sees it fail.
+    vantage: str | None = None
 
     def select(self, names: Sequence[str]) -> Settings:
         """Only the named clusters; an unknown name is a configuration error."""
@@ -162,17 +213,32 @@ def load_settings(
             raise ConfigError("expected an http:// or https:// URL",
                               key="FELIXSCAN_ALERT_WEBHOOK_URL")
         alerts = replace(alerts, webhook_url=webhook)
-    return replace(settings, database=database, alerts=alerts)
+    vantage = settings.vantage
+    if env.get("FELIXSCAN_VANTAGE"):
+        vantage = env["FELIXSCAN_VANTAGE"]
+        if not _VANTAGE.match(vantage):
+            raise ConfigError("expected a short name of letters, digits, '.', '_' or '-' (at "
+                              "most 64), e.g. pod-network", key="FELIXSCAN_VANTAGE")
+    return replace(settings, database=database, alerts=alerts, vantage=vantage)
 
 
 def _settings_from_kubeconfig(env: Mapping[str, str]) -> Settings:
     path = _default_kubeconfig(env)
     if path is None or not path.exists():
         if env.get("KUBERNETES_SERVICE_HOST"):
+            # The in-cluster agent (deploy/agent-base): FELIXSCAN_NODE_CHECK_NAMESPACE names
+            # where node-check runs (deploy/overlays/node-check), so the scan reads its view.
+            node_check = None
+            if env.get("FELIXSCAN_NODE_CHECK_NAMESPACE"):
+                namespace = env["FELIXSCAN_NODE_CHECK_NAMESPACE"]
+                if not _NAME.match(namespace):
+                    raise ConfigError("expected a Kubernetes namespace name",
+                                      key="FELIXSCAN_NODE_CHECK_NAMESPACE")
+                node_check = NodeCheckSettings(namespace=namespace)
             return Settings(
                 database=DEFAULT_DATABASE,
                 clusters=(ClusterSettings(name=env.get("FELIXSCAN_CLUSTER", "in-cluster"),
-                                          in_cluster=True),),
+                                          in_cluster=True, node_check=node_check),),
             )
         raise ConfigError(
             "no --config given and no kubeconfig found (set KUBECONFIG, create ~/.kube/config, "
@@ -259,7 +325,8 @@ class _Reader:
         return value
 
     def settings(self, doc: object) -> Settings:
-        top = self.mapping(doc, "", ("database", "schedule", "clusters", "serve", "alerts"))
+        top = self.mapping(doc, "", ("database", "schedule", "clusters", "serve", "alerts",
+                                     "waivers_file", "waiver_max_days", "report", "vantage"))
         database = DEFAULT_DATABASE
         if "database" in top:
             database = self.string(top["database"], "database")
@@ -287,9 +354,19 @@ class _Reader:
                 )
             seen[cluster.name] = i
             clusters.append(cluster)
+        waivers_file = None
+        if "waivers_file" in top:
+            raw_file = self.string(top["waivers_file"], "waivers_file")
+            waivers_file = (self.base / Path(raw_file).expanduser()).resolve()
+        waiver_max_days = self.integer(top.get("waiver_max_days", 365), "waiver_max_days",
+                                       low=1, high=3660)
         return Settings(database=database, clusters=tuple(clusters), schedule=schedule,
                         source=self.source, serve=self.serve(top.get("serve", {}), "serve"),
-                        alerts=self.alerts(top.get("alerts", {}), "alerts"))
+                        alerts=self.alerts(top.get("alerts", {}), "alerts"),
+                        waivers_file=waivers_file, waiver_max_days=waiver_max_days,
+                        report=self.report(top.get("report", {}), "report"),
+                        vantage=self.vantage(top["vantage"], "vantage")
+                        if "vantage" in top else None)
 
     def serve(self, value: object, key: str) -> ServeSettings:
         item = self.mapping(value, key, (
@@ -348,6 +425,49 @@ class _Reader:
                                         f"{key}.backoff_seconds", low=0, high=600),
         )
 
+    def report(self, value: object, key: str) -> ReportSettings:
+        item = self.mapping(value, key, ("signing", "preparer", "owner"))
+        preparer = self.string(item["preparer"], f"{key}.preparer") if "preparer" in item \
+            else None
+        owner = self.string(item["owner"], f"{key}.owner") if "owner" in item else None
+        signing = self.signing(item["signing"], f"{key}.signing") if "signing" in item else None
+        return ReportSettings(signing=signing, preparer=preparer, owner=owner)
+
+    def signing(self, value: object, key: str) -> SigningSettings:
+        if isinstance(value, dict) and "passphrase" in value:
+            raise self.fail(f"{key}.passphrase", "a passphrase is never written in the config "
+                            "file: name where it is with passphrase_env or passphrase_file")
+        item = self.mapping(value, key, ("key", "cert", "passphrase_env", "passphrase_file",
+                                         "tsa_url", "reason", "location"))
+        if "key" not in item:
+            raise self.fail(f"{key}.key", "missing: expected the path of the private key (PEM "
+                            "or DER, with cert) or of a PKCS#12 file")
+        if "passphrase_env" in item and "passphrase_file" in item:
+            raise self.fail(key, "give passphrase_env or passphrase_file, not both")
+
+        def path(name: str) -> Path | None:
+            if name not in item:
+                return None
+            return (self.base / Path(self.string(item[name], f"{key}.{name}")).expanduser()
+                    ).resolve()
+
+        env = None
+        if "passphrase_env" in item:
+            env = self.string(item["passphrase_env"], f"{key}.passphrase_env")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+                # The value is not quoted back: it may be the passphrase, put in by mistake.
+                raise self.fail(f"{key}.passphrase_env", "expected the name of an environment "
+                                "variable (letters, digits, _), such as FELIXSCAN_SIGN_PASSPHRASE")
+        key_path = path("key")
+        assert key_path is not None  # checked above
+        return SigningSettings(
+            key=key_path, cert=path("cert"), passphrase_env=env,
+            passphrase_file=path("passphrase_file"),
+            tsa_url=self.url(item["tsa_url"], f"{key}.tsa_url") if "tsa_url" in item else None,
+            reason=self.string(item["reason"], f"{key}.reason") if "reason" in item else None,
+            location=(self.string(item["location"], f"{key}.location")
+                      if "location" in item else None))
+
     def url(self, value: object, key: str) -> str:
         text = self.string(value, key)
         if not _HTTP_URL.match(text):
@@ -376,7 +496,8 @@ class _Reader:
 
     def cluster(self, value: object, key: str) -> ClusterSettings:
         allowed = ("name", "kubeconfig", "context", "in_cluster", "calico", "probe", "remediation",
-                   "api_timeout_seconds", "deadline_seconds", "schedule", "timezone")
+                   "api_timeout_seconds", "deadline_seconds", "schedule", "timezone",
+                   "node_check")
         item = self.mapping(value, key, allowed)
         if "name" not in item:
             raise self.fail(f"{key}.name", "missing: expected the cluster's name")
@@ -421,7 +542,34 @@ class _Reader:
             schedule=schedule,
             timezone=self.timezone(item["timezone"], f"{key}.timezone")
             if "timezone" in item else None,
+            node_check=self.node_check(item["node_check"], f"{key}.node_check")
+            if "node_check" in item else None,
         )
+
+    def vantage(self, value: object, key: str) -> str:
+        text = self.string(value, key)
+        if not _VANTAGE.match(text):
+            raise self.fail(key, "expected a short name of letters, digits, '.', '_' or '-' "
+                            "(at most 64), e.g. corp-network")
+        return text
+
+    def node_check(self, value: object, key: str) -> NodeCheckSettings:
+        if value is True or value == {}:
+            return NodeCheckSettings()
+        item = self.mapping(value, key, ("namespace", "selector", "container",
+                                         "max_age_seconds", "tail_lines"))
+        d = NodeCheckSettings()
+        namespace = self.string(item.get("namespace", d.namespace), f"{key}.namespace")
+        if not _NAME.match(namespace):
+            raise self.fail(f"{key}.namespace", "expected a Kubernetes namespace name")
+        return NodeCheckSettings(
+            namespace=namespace,
+            selector=self.string(item.get("selector", d.selector), f"{key}.selector"),
+            container=self.string(item.get("container", d.container), f"{key}.container"),
+            max_age_seconds=self.number(item.get("max_age_seconds", d.max_age_seconds),
+                                        f"{key}.max_age_seconds", low=1, high=86400),
+            tail_lines=self.integer(item.get("tail_lines", d.tail_lines),
+                                    f"{key}.tail_lines", low=1, high=1000))
 
     def calico(self, value: object, key: str) -> CalicoSettings:
         item = self.mapping(value, key, ("namespace", "daemonset", "container"))

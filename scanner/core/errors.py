@@ -14,6 +14,7 @@ Only the application layer turns these into messages and exit codes (the mapping
     │   ├── ApiUnreachable              connection refused, TLS failure, timeout, deadline
     │   └── CalicoNotFound              no calico-node DaemonSet where expected
     ├── ReportError                     a report cannot be made (empty period, unknown cluster) [2]
+    │   └── SigningError                key, passphrase, certificate or TSA unusable: not signed
     └── RemediationError                remediation could not run or finish [1]
         └── RemediationRefused          a guard, the plan or the operator said no [2]
 """
@@ -74,6 +75,12 @@ class CalicoNotFound(ClusterError):
 
 class ReportError(FelixscanError):
     """A report cannot be produced from what the database holds."""
+
+
+class SigningError(ReportError):
+    """A PDF could not be signed (unreadable or wrong key material, a refused input, a TSA
+    failure), or a trust root for verifying one cannot be read. Messages never contain a
+    passphrase or key material, and name the file concerned."""
 
 
 class RemediationError(FelixscanError):

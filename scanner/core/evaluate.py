@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from scanner.core.calico import SELECTOR_SINCE, felix_version, selector_problems
-from scanner.core.findings import RULES, remediation_for
+from scanner.core.findings import RULES, SEVERITY_ORDER, remediation_for
 from scanner.core.records import (
     ClusterResult,
     ClusterSnapshot,
@@ -20,14 +20,15 @@ from scanner.core.records import (
     Declared,
     Finding,
     Install,
+    NodeObservation,
     NodeResult,
+    NodeViews,
     Pod,
     ProbeResult,
     ProbeTarget,
     Verdict,
 )
 
-SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3, "info": 4}
 _EVIDENCE_NODES = 50  # cluster-level findings list at most this many node names
 
 
@@ -58,18 +59,59 @@ def deciding_probe(probes: Sequence[ProbeResult]) -> ProbeResult:
     return min(probes, key=lambda p: (_STATE_RANK[p.state], p.felix is not True))
 
 
-def node_verdict(declared: Declared, probe: ProbeResult, *, ready: bool | None) -> Verdict:
-    if declared.enabled or probe.state == "open":
+def node_verdict(declared: Declared, probe: ProbeResult, *, ready: bool | None,
+                 view: NodeObservation | None = None) -> Verdict:
+    """Three views: the declared configuration, the network probe, and (with node-check) the
+    node's own listeners. docs/findings.md tabulates every combination."""
+    listening = view is not None and view.state == "listening"
+    not_listening = view is not None and view.state == "not_listening"
+    if declared.enabled or probe.state == "open" or listening:
+        # Listening on the node fails it even when the probe cannot reach the port; an open
+        # port fails it even when nothing listens in the host namespace (another path).
         return "fail"
     if declared.enabled is None:
         return "unknown"
     if probe.state == "closed":
+        return "pass"
+    if not_listening:
+        # Observed on the node, not inferred: a filtered, unreachable or unprobed port is no
+        # longer a reason for doubt when nothing listens there.
         return "pass"
     if probe.state == "filtered" and ready:
         # A Ready node that drops the SYN is what Calico's deny policy looks like. A NotReady
         # node that drops it may simply be down, which proves nothing.
         return "pass"
     return "unknown"
+
+
+def observe(views: NodeViews | None, node: str, port: int, *,
+            now: datetime) -> NodeObservation | None:
+    """What node-check's newest line says of `node`'s metrics `port`; None: not configured."""
+    if views is None:
+        return None
+    if views.error is not None:
+        return NodeObservation("no_view", reason=f"node-check could not be read: {views.error}")
+    line = views.lines.get(node)
+    if line is None:
+        return NodeObservation("no_view", reason=views.problems.get(node)
+                               or "no node-check pod runs on this node")
+    age = (now - line.time).total_seconds()
+    if age > views.max_age_seconds:
+        return NodeObservation("no_view", reason=f"node-check's newest line is {age:.0f} s old "
+                               f"(more than {views.max_age_seconds:.0f} s): stale",
+                               time=line.time, pod=line.pod)
+    if port not in line.ports_checked:
+        return NodeObservation("no_view", reason=f"node-check does not check port {port} "
+                               f"(it checks {', '.join(map(str, line.ports_checked))})",
+                               time=line.time, pod=line.pod)
+    found = tuple(f"{address}:{p}" if ":" not in address else f"[{address}]:{p}"
+                  for address, p in line.listeners if p == port)
+    if found:
+        return NodeObservation("listening", time=line.time, pod=line.pod, listeners=found)
+    if not line.complete:
+        return NodeObservation("no_view", reason="node-check could not read every socket table",
+                               time=line.time, pod=line.pod)
+    return NodeObservation("not_listening", time=line.time, pod=line.pod)
 
 
 def _finding(rule_id: str, message: str, *, node: str | None = None,
@@ -114,6 +156,7 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
     self_signed: list[str] = []
     loopback: list[str] = []
     random_port: list[str] = []
+    no_view: list[tuple[str, str]] = []  # (node, why) without a usable node-check line
     for node in snapshot.nodes:
         d = declared[node.name]
         node_probes = by_node.get(node.name, [])
@@ -136,10 +179,27 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
             stale.append(node.name)
         if d.enabled and d.loopback_only:
             loopback.append(node.name)
-        verdict = node_verdict(d, main, ready=node.ready)
+        view = observe(snapshot.node_views, node.name, d.port, now=started_at)
+        if view is not None and view.state == "no_view":
+            no_view.append((node.name, view.reason or ""))
+        verdict = node_verdict(d, main, ready=node.ready, view=view)
         results.append(NodeResult(node=node.name, address=main.address, port=d.port,
                                   declared=d, probe=main, pod_current=pod_current,
-                                  verdict=verdict, probes=tuple(on_port)))
+                                  verdict=verdict, probes=tuple(on_port), view=view))
+        if view is not None and view.state == "listening" and main.state != "open":
+            add("FELIX-LISTENING-NOT-REACHABLE",
+                f"Port {d.port} is listening on the node itself ({', '.join(view.listeners)}, "
+                f"node-check pod {view.pod}) but {main.state} from the scanner: hidden from "
+                "this vantage point, not closed", node=node.name,
+                evidence={**_probe_evidence(main), "listeners": list(view.listeners),
+                          "node_check_pod": view.pod, "node_check_time": _iso(view.time)})
+        if view is not None and view.state == "not_listening" and main.state == "open":
+            add("PORT-OPEN-NOT-ON-NODE",
+                f"Port {main.port} answers at {main.address}, but nothing listens on it in the "
+                f"node's host network namespace (node-check pod {view.pod}): the port is "
+                "reachable by another path, e.g. a forwarded port or a NAT rule", node=node.name,
+                evidence={**_probe_evidence(main), "node_check_pod": view.pod,
+                          "node_check_time": _iso(view.time)})
         evidence = _probe_evidence(main)
         if len(on_port) > 1:
             evidence["addresses"] = [{"address": p.address, "state": p.state} for p in on_port]
@@ -236,6 +296,23 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
                       "desired": r.desired, "updated": r.updated, "ready": r.ready,
                       "available": r.available, "current_revision": r.current_revision,
                       **_names(stale)})
+    if no_view:
+        views = snapshot.node_views
+        stale = [n for n, why in no_view if why.endswith(": stale")]
+        missing = [(n, why) for n, why in no_view if not why.endswith(": stale")]
+        if stale:
+            add("NODE-VIEW-STALE",
+                f"node-check's view is stale on {len(stale)} node(s) (older than "
+                f"{views.max_age_seconds if views else 0:.0f} s): their verdicts rest on the "
+                "configuration and the probe alone", evidence=_names(stale))
+        if missing:
+            add("NODE-VIEW-MISSING",
+                f"No usable node-check view for {len(missing)} node(s): their verdicts rest on "
+                f"the configuration and the probe alone ({missing[0][1]}"
+                + (", ..." if len({w for _, w in missing}) > 1 else "") + ")",
+                evidence={**_names([n for n, _ in missing]),
+                          "reasons": sorted({w for _, w in missing})[:10],
+                          "namespace": views.namespace if views else None})
     if self_signed:
         add("FELIX-TLS-SELF-SIGNED",
             f"{len(self_signed)} node(s) serve metrics over TLS with a self-signed certificate",
@@ -247,6 +324,10 @@ def evaluate(snapshot: ClusterSnapshot, declared: Mapping[str, Declared],
                          declared=cluster_declared, nodes=tuple(results),
                          findings=tuple(findings), error=error, started_at=started_at,
                          finished_at=finished_at, snapshot=snapshot, timings=dict(timings or {}))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def _pod_current(pod: Pod, current: str | None) -> bool | None:

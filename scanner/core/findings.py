@@ -119,8 +119,34 @@ RULES: dict[str, Rule] = {
              "The cluster could not be scanned",
              "Fix what the evidence names (API reachability, credentials, RBAC), then scan again;"
              " until then the cluster's compliance is unknown."),
+        Rule("FELIX-LISTENING-NOT-REACHABLE", "high",
+             "The metrics port listens on the node but the scanner cannot reach it",
+             "The endpoint is hidden from this vantage point, not closed: disable it in "
+             "configuration (FELIX-METRICS-ENABLED) and check from the other networks too."),
+        Rule("PORT-OPEN-NOT-ON-NODE", "high",
+             "The metrics port answers, but nothing listens on it on the node itself",
+             "Something forwards the port to another listener (a NAT or DNAT rule, a hostPort, "
+             "a proxy): find it on the node (`iptables-save`, `nft list ruleset`) and remove it."),
+        Rule("NODE-VIEW-MISSING", "low",
+             "node-check's view of some nodes is missing",
+             "Deploy deploy/overlays/node-check on every node (it tolerates every taint), give "
+             "the scanner `list pods` and `get pods/log` in its namespace, and check its pods "
+             "run; until then those verdicts rest on the configuration and the probe."),
+        Rule("NODE-VIEW-STALE", "low",
+             "node-check's view of some nodes is older than node_check.max_age_seconds",
+             "Check that the node-check pods on those nodes are running and logging (one line "
+             "per --interval); raise max_age_seconds only if the interval is longer."),
+        Rule("WAIVER-EXPIRED", "medium",
+             "A waiver (accepted risk) has expired and no longer applies",
+             "Fix what it waived, or have the risk approved again with a new expiry in the "
+             "waivers file (reviewed like code); until then the failures it covered count."),
+        Rule("WAIVER-INVALID", "medium",
+             "A waiver (accepted risk) is malformed and does not apply",
+             "Correct the entry named in the message: finding, cluster, reason, approved_by, "
+             "created and expires are required, expires at most waiver_max_days after created."),
     )
 }
+SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3, "info": 4}
 
 _ENV_REF_FIX = (
     "The value comes from {ref} through the calico-node container's env: set it to `false` "

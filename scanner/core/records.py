@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Literal
 
 Install = Literal["manifest", "operator", "unknown"]
 ProbeState = Literal["closed", "filtered", "unreachable", "open", "error"]
 Protocol = Literal["https", "http", "tcp"]
-Verdict = Literal["pass", "fail", "unknown"]
+Verdict = Literal["pass", "fail", "unknown", "waived"]  # waived: failing, risk accepted
 ClusterStatus = Literal["compliant", "non_compliant", "error"]
 Severity = Literal["critical", "high", "medium", "low", "info"]
 
@@ -151,6 +151,46 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeViewLine:
+    """The newest node-check line read from one node's pod: what listened on the node."""
+
+    node: str
+    pod: str
+    time: datetime  # when node-check looked (its own clock)
+    ports_checked: tuple[int, ...]
+    listeners: tuple[tuple[str, int], ...]  # (address, port) of LISTEN sockets on those ports
+    complete: bool  # every socket table read: an empty `listeners` means nothing listens
+
+
+@dataclass(frozen=True, slots=True)
+class NodeViews:
+    """What the node-check pods of a cluster said, as collected."""
+
+    namespace: str
+    max_age_seconds: float
+    lines: Mapping[str, NodeViewLine]  # by node name: the newest valid line of its pod
+    problems: Mapping[str, str] = field(default_factory=dict)  # node -> why it has no line
+    error: str | None = None  # the pods or their logs could not be read at all (RBAC, API)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeObservation:
+    """A node's own view as the verdict uses it (scanner.core.evaluate.observe)."""
+
+    state: Literal["listening", "not_listening", "no_view"]
+    reason: str | None = None  # no_view: missing, stale, incomplete, port not checked
+    time: datetime | None = None
+    pod: str | None = None
+    listeners: tuple[str, ...] = ()  # "address:port" listening on the metrics port
+
+    def as_json(self) -> dict[str, object]:
+        """As stored with the node's probe and shown in JSON."""
+        return {"state": self.state, "reason": self.reason,
+                "time": self.time.isoformat() if self.time else None, "pod": self.pod,
+                "listeners": list(self.listeners)}
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     """Everything read from one cluster's API in one scan."""
 
@@ -173,6 +213,9 @@ class ClusterSnapshot:
     # Every group read, by name; a pod whose CALICO_API_GROUP names another group reads that.
     felix_sets: Mapping[str, FelixConfigSet] = field(default_factory=dict)
     felix_group: str = "crd.projectcalico.org/v1"  # libcalico-go's discovery answer
+    # What node-check said on each node (scanner.core.nodeview), when the cluster has
+    # `node_check` configured; None: not configured, nothing was read.
+    node_views: NodeViews | None = None
 
 
 # --- declared state ------------------------------------------------------------------------
@@ -253,6 +296,22 @@ class ProbeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Waiver:
+    """An accepted risk from `waivers_file` (scanner.core.waivers): a finding on a cluster's
+    nodes (a glob), who approved it, why, and until when (an expiry is required)."""
+
+    id: str  # W- and a hash of what it waives and when: stable across scans and file edits
+    finding: str
+    cluster: str
+    nodes: str
+    reason: str
+    approved_by: str
+    created: date
+    expires: date
+    source: str  # the file and the entry's number, for messages
+
+
+@dataclass(frozen=True, slots=True)
 class Finding:
     id: str
     severity: Severity
@@ -260,6 +319,7 @@ class Finding:
     node: str | None = None
     evidence: Mapping[str, object] = field(default_factory=dict)
     remediation: str = ""
+    waiver: str | None = None  # the id of the waiver in force that accepts this finding
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +332,8 @@ class NodeResult:
     pod_current: bool | None  # the node's calico-node pod runs the current template revision
     verdict: Verdict
     probes: tuple[ProbeResult, ...] = ()  # every address probed on the effective port
+    waiver: str | None = None  # verdict `waived`: the id(s) of the waiver(s) accepting it
+    view: NodeObservation | None = None  # node-check's view; None: node_check not configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,3 +350,4 @@ class ClusterResult:
     snapshot: ClusterSnapshot | None
     timings: Mapping[str, float] = field(default_factory=dict)  # api / probe / store seconds
     method: Mapping[str, object] = field(default_factory=dict)  # how it was probed, for reports
+    waivers: tuple[Waiver, ...] = ()  # the waivers in force that applied to this result

@@ -88,7 +88,10 @@ class ScanRun(Base):
     status: Mapped[str] = mapped_column(String(16))  # running, finished, aborted
     trigger: Mapped[str] = mapped_column(String(32))  # cli, schedule, demo, remediation
     tool_version: Mapped[str] = mapped_column(String(64))
-    scanner_host: Mapped[str] = mapped_column(String(255))  # where the probes came from
+    scanner_host: Mapped[str] = mapped_column(String(255))  # the host the probes came from
+    # where the probes came from, by name (`vantage`, `--vantage`): e.g. corp-network for a
+    # serve outside the clusters, pod-network for the in-cluster agent; None: scanner_host
+    vantage: Mapped[str | None] = mapped_column(String(255))
     cluster: Mapped[str | None] = mapped_column(String(255))  # set on skipped runs
     note: Mapped[str | None] = mapped_column(Text)  # why a run was skipped or aborted
 
@@ -118,6 +121,9 @@ class ClusterScan(Base):
     nodes_pass: Mapped[int] = mapped_column(Integer, default=0)
     nodes_fail: Mapped[int] = mapped_column(Integer, default=0)
     nodes_unknown: Mapped[int] = mapped_column(Integer, default=0)
+    # failing nodes whose risk a waiver in force accepts (verdict `waived`), and those waivers
+    nodes_waived: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    waivers: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     namespace: Mapped[str | None] = mapped_column(String(255))
     daemonset: Mapped[str | None] = mapped_column(String(255))
     image: Mapped[str | None] = mapped_column(Text)
@@ -172,6 +178,7 @@ class NodeProbe(Base):
     # Every address probed on the port when the node has more than one (both families), each
     # {address, state, protocol, felix, error}; the columns above hold the one that decided.
     addresses: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    node_view: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # node-check's, if read
     declared_host: Mapped[str | None] = mapped_column(String(255))
 
     cluster_scan: Mapped[ClusterScan] = relationship(back_populates="probes")
@@ -197,6 +204,7 @@ class FindingRow(Base):
     message: Mapped[str] = mapped_column(Text)
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     remediation: Mapped[str] = mapped_column(Text, default="")
+    waiver: Mapped[str | None] = mapped_column(String(64))  # the waiver that accepts it
 
     cluster_scan: Mapped[ClusterScan] = relationship(back_populates="findings")
 
@@ -225,6 +233,7 @@ class DailyClusterSummary(Base):
     passing: Mapped[int] = mapped_column(Integer)
     failing: Mapped[int] = mapped_column(Integer)
     unknown: Mapped[int] = mapped_column(Integer)
+    waived: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (Index("ix_daily_cluster_summary_day", "day"),)
 

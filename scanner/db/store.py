@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scanner import __version__
 from scanner.core.errors import SchemaMismatch, StoreError
 from scanner.core.records import ClusterResult, NodeResult
+from scanner.core.waivers import waiver_json
 from scanner.db.models import (
     ClusterScan,
     DailyClusterSummary,
@@ -223,11 +224,14 @@ class Store:
             raise StoreError(f"database read failed ({redact_url(self.url)}): "
                              f"{_db_reason(exc)}") from exc
 
-    def begin_run(self, *, trigger: str, started_at: datetime | None = None) -> int:
+    def begin_run(self, *, trigger: str, started_at: datetime | None = None,
+                  vantage: str | None = None) -> int:
+        """A new running run; `vantage` names where it probes from (default: this host)."""
         with self.session() as s:
+            host = socket.gethostname()
             run = ScanRun(started_at=started_at or datetime.now(UTC), finished_at=None,
                           status="running", trigger=trigger, tool_version=__version__,
-                          scanner_host=socket.gethostname())
+                          scanner_host=host, vantage=vantage or host)
             s.add(run)
             s.flush()
             return run.id
@@ -261,6 +265,8 @@ class Store:
                 nodes_pass=sum(1 for n in result.nodes if n.verdict == "pass"),
                 nodes_fail=sum(1 for n in result.nodes if n.verdict == "fail"),
                 nodes_unknown=sum(1 for n in result.nodes if n.verdict == "unknown"),
+                nodes_waived=sum(1 for n in result.nodes if n.verdict == "waived"),
+                waivers=[waiver_json(w) for w in result.waivers] or None,
                 namespace=result.snapshot.namespace if result.snapshot else None,
                 daemonset=result.snapshot.daemonset if result.snapshot else None,
                 image=result.snapshot.image if result.snapshot else None,
@@ -275,7 +281,8 @@ class Store:
                 s.execute(insert(NodeProbe), probes)
             findings = [{"cluster_scan_id": row.id, "finding_id": f.id, "severity": f.severity,
                          "node": f.node, "message": f.message, "evidence": dict(f.evidence),
-                         "remediation": f.remediation} for f in result.findings]
+                         "remediation": f.remediation, "waiver": f.waiver}
+                        for f in result.findings]
             if findings:
                 s.execute(insert(FindingRow), findings)
             self._roll_up(s, row, result)
@@ -296,13 +303,14 @@ class Store:
         values = {"cluster": result.cluster, "day": day, "scans": 1,
                   "last_cluster_scan_id": row.id, "last_started_at": when,
                   "status": row.status, "nodes": row.nodes_total, "passing": row.nodes_pass,
-                  "failing": row.nodes_fail, "unknown": row.nodes_unknown}
+                  "failing": row.nodes_fail, "unknown": row.nodes_unknown,
+                  "waived": row.nodes_waived}
         stmt = upsert(DailyClusterSummary).values(values)
         t = DailyClusterSummary.__table__.c
         newer = stmt.excluded.last_started_at >= t.last_started_at
         latest = {k: case((newer, getattr(stmt.excluded, k)), else_=getattr(t, k))
                   for k in ("last_cluster_scan_id", "last_started_at", "status", "nodes",
-                            "passing", "failing", "unknown")}
+                            "passing", "failing", "unknown", "waived")}
         s.execute(stmt.on_conflict_do_update(index_elements=["cluster", "day"],
                                              set_={"scans": t.scans + 1, **latest}))
         if not result.nodes:
@@ -385,6 +393,7 @@ def _probe_row(cluster_scan_id: int, node: NodeResult, ready: bool | None) -> di
                        "felix": p.felix, "error": p.error} for p in node.probes]
         if len(node.probes) > 1 else None,
         "declared_host": declared.host,
+        "node_view": node.view.as_json() if node.view else None,
     }
 
 

@@ -45,6 +45,7 @@ _INSTALLATION_API = "operator.tigera.io/v1"
 _FELIX_API = "crd.projectcalico.org/v1"
 _ENABLED = "FELIX_PROMETHEUSMETRICSENABLED"
 _PORT = "FELIX_PROMETHEUSMETRICSPORT"
+_DATA = Path(__file__).resolve().parent / "data"
 
 
 @dataclass
@@ -85,27 +86,22 @@ def make_nodes(
     ]
 
 
-def find_fixture(version: str, *, root: Path | None = None) -> Path:
-    """The calico-node DaemonSet fixture for a Calico version (`v3.32`, `v3.32.1`, `3.30`).
+def find_fixture(version: str, *, folder: Path | None = None) -> Path:
+    """The calico-node DaemonSet manifest for a Calico version (`v3.32`, `v3.32.1`, `3.30`).
 
-    Looks in `tests/fixtures/calico` of a source checkout (above `root`, the working directory
-    and this module); FileNotFoundError when none matches.
+    Looks in `folder`, by default this package's `data` directory (the releases the demo
+    ships); the last match in name order wins. FileNotFoundError when none matches.
     """
     wanted = version if version.startswith("v") else f"v{version}"
-    starts = [root] if root is not None else [Path.cwd(), Path(__file__).resolve().parent]
-    for start in starts:
-        for base in (start, *start.parents):
-            folder = base / "tests" / "fixtures" / "calico"
-            if not folder.is_dir():
-                continue
-            matches = sorted(
-                p
-                for p in folder.glob("v*-calico-daemonset-calico-node.yaml")
-                if p.name.startswith(f"{wanted}.") or p.name.startswith(f"{wanted}-")
-            )
-            if matches:
-                return matches[-1]
-    raise FileNotFoundError(f"no calico-node DaemonSet fixture for Calico {version}")
+    base = folder if folder is not None else _DATA
+    matches = sorted(
+        p
+        for p in base.glob("v*-calico-daemonset-calico-node.yaml")
+        if p.name.startswith(f"{wanted}.") or p.name.startswith(f"{wanted}-")
+    )
+    if not matches:
+        raise FileNotFoundError(f"no calico-node DaemonSet fixture for Calico {version} in {base}")
+    return matches[-1]
 
 
 def revision_hash(template: Mapping[str, Any]) -> str:

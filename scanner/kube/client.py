@@ -84,13 +84,31 @@ class Api:
 
         Retries 429 and 5xx with backoff (Retry-After honoured), within the deadline.
         """
+        body = self._call(what, method, *args, **kwargs)
+        if body is None:
+            return None
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(f"{what}: the answer is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ApiError(f"{what}: expected a JSON object, got {type(doc).__name__}")
+        return doc
+
+    def get_text(self, what: str, method: Any, *args: Any, **kwargs: Any) -> str | None:
+        """Like `get`, for a plain-text answer (a pod's log); None on 404. Bytes that are
+        not UTF-8 are replaced, not fatal: a log is read, never trusted."""
+        body = self._call(what, method, *args, **kwargs)
+        return None if body is None else bytes(body).decode("utf-8", "replace")
+
+    def _call(self, what: str, method: Any, *args: Any, **kwargs: Any) -> bytes | None:
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             timeout = min(self.timeout, self.remaining())
             self.requests += 1
             try:
                 resp = method(*args, **kwargs, _preload_content=False,
                               _request_timeout=(min(timeout, 5.0), timeout))
-                body = resp.data
+                body: bytes = resp.data
             except ApiException as exc:
                 if exc.status == 404:
                     return None
@@ -113,13 +131,7 @@ class Api:
                     reason = (f"deadline exceeded: the cluster's deadline ran out during this "
                               f"request ({self.requests} requests made)")
                 raise ApiUnreachable(f"{what}: {reason}") from None
-            try:
-                doc = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ApiError(f"{what}: the answer is not valid JSON ({exc})") from None
-            if not isinstance(doc, dict):
-                raise ApiError(f"{what}: expected a JSON object, got {type(doc).__name__}")
-            return doc
+            return body
         raise AssertionError("unreachable")
 
     def _backoff(self, attempt: int, exc: ApiException) -> None:

@@ -30,9 +30,10 @@ from scanner.core.calico import (
     felix_param,
     node_labels,
 )
-from scanner.core.config import ClusterSettings
+from scanner.core.config import ClusterSettings, NodeCheckSettings
 from scanner.core.errors import ApiError, ApiForbidden, CalicoNotFound
 from scanner.core.felix_params import ConfigFileError, load_config_file, parse_value
+from scanner.core.nodeview import latest_view
 from scanner.core.records import (
     ClusterSnapshot,
     ConfigFile,
@@ -42,6 +43,8 @@ from scanner.core.records import (
     Install,
     Installation,
     Node,
+    NodeViewLine,
+    NodeViews,
     Pod,
     Rollout,
 )
@@ -55,6 +58,7 @@ from scanner.kube.client import (
     printable,
 )
 
+_LOG_BYTES = 256 * 1024  # of a node-check pod's log tail: a few lines of under a kilobyte
 _RELEVANT = "prometheusmetrics"  # Felix parameters the scanner reads begin with this
 
 
@@ -109,13 +113,67 @@ def _collect(settings: ClusterSettings, api: Api, started: float) -> ClusterSnap
     discovered = _discover_group(api)
     felix_sets = {g: _felix_configs(api, g) for g in sorted((groups - {""}) | {discovered})}
     main = felix_sets[discovered]
+    node_views = _node_views(api, settings.node_check) if settings.node_check else None
     return ClusterSnapshot(
         cluster=settings.name, install=install, namespace=namespace,
         daemonset=settings.calico.daemonset, container=settings.calico.container,
         image=template.image, env=template.env, config_file=template.config_file,
         felix_configs=main.configs, felix_crd=main.error is None, installation=installation,
         rollout=rollout, pods=pods, nodes=nodes, collected_at=datetime.now(UTC),
-        api_seconds=time.monotonic() - started, felix_sets=felix_sets, felix_group=discovered)
+        api_seconds=time.monotonic() - started, felix_sets=felix_sets, felix_group=discovered,
+        node_views=node_views)
+
+
+def _node_views(api: Api, settings: NodeCheckSettings) -> NodeViews:
+    """The newest node-check line of each node, from the logs of its pods (`pods/log` with
+    `tailLines`, in node-check's namespace only). A view that cannot be read is recorded as
+    missing, with why, never guessed: the verdict then rests on the other two views."""
+    namespace = settings.namespace
+
+    def views(**kw: Any) -> NodeViews:
+        return NodeViews(namespace=namespace, max_age_seconds=settings.max_age_seconds, **kw)
+
+    try:
+        items = list(api.list(f"LIST pods in {namespace} ({settings.selector})",
+                              api.core.list_namespaced_pod, namespace,
+                              label_selector=settings.selector) or [])
+    except (ApiForbidden, ApiError) as exc:
+        return views(lines={}, error=str(exc))
+    lines: dict[str, NodeViewLine] = {}
+    problems: dict[str, str] = {}
+    # Newest pod first per node: during a rollout a node may run an old and a new pod.
+    for item in sorted(items, key=lambda i: str((i.get("metadata") or {})
+                                                  .get("creationTimestamp") or ""),
+                       reverse=True):
+        meta, spec = item.get("metadata") or {}, item.get("spec") or {}
+        node, pod = _name(spec.get("nodeName")), _name(meta.get("name"))
+        if node is None or pod is None or node in lines:
+            continue
+        if (item.get("status") or {}).get("phase") != "Running":
+            problems.setdefault(node, f"node-check pod {pod} is not running")
+            continue
+        try:
+            text = api.get_text(f"GET pods/{pod}/log in {namespace}",
+                                api.core.read_namespaced_pod_log, pod, namespace,
+                                container=settings.container, tail_lines=settings.tail_lines,
+                                limit_bytes=_LOG_BYTES)
+        except (ApiForbidden, ApiError) as exc:
+            problems[node] = f"the log of node-check pod {pod} could not be read: {exc}"
+            continue
+        view = latest_view(text or "")
+        if view is None:
+            problems[node] = f"node-check pod {pod} has logged no valid line yet"
+            continue
+        if view.node != node:
+            problems[node] = (f"node-check pod {pod} runs on {node} but reports node "
+                              f"{printable(view.node)}")
+            continue
+        lines[node] = NodeViewLine(
+            node=node, pod=pod, time=view.time, ports_checked=tuple(view.ports_checked),
+            listeners=tuple((item_.address, item_.port) for item_ in view.listeners),
+            complete=view.complete)
+        problems.pop(node, None)
+    return views(lines=lines, problems=problems)
 
 
 def _find_daemonset(settings: ClusterSettings, api: Api, *, operator: bool

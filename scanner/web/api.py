@@ -48,7 +48,7 @@ def latest_json(latest: LatestScan | None) -> dict[str, Any] | None:
             "declared": {"enabled": latest.declared_enabled, "source": latest.declared_source,
                          "port": latest.declared_port, "host": latest.declared_host},
             "nodes": latest.nodes, "passing": latest.passing, "failing": latest.failing,
-            "unknown": latest.unknown, "error": latest.error}
+            "unknown": latest.unknown, "waived": latest.waived, "error": latest.error}
 
 
 def _scan_json(s: Any) -> dict[str, Any]:

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = "felixscan_"
 STATUSES = ("compliant", "non_compliant", "error")
-VERDICTS = (("pass", "passing"), ("fail", "failing"), ("unknown", "unknown"))
+VERDICTS = (("pass", "passing"), ("fail", "failing"), ("unknown", "unknown"),
+            ("waived", "waived"))
 # Seconds. A scan is bounded by the cluster's deadline_seconds (default 120) plus probing.
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # scan: the cluster could not be scanned (its result is stored, as an error);
@@ -185,7 +186,8 @@ class FelixscanCollector(Collector):
         nodes = GaugeMetricFamily(
             f"{PREFIX}cluster_nodes",
             "Nodes of the cluster's latest scan by verdict: pass, fail (Felix metrics enabled "
-            "or reachable), unknown (could not be verified)", labels=["cluster", "verdict"])
+            "or reachable), unknown (could not be verified), waived (failing, risk accepted by a "
+            "waiver in force)", labels=["cluster", "verdict"])
         last = GaugeMetricFamily(
             f"{PREFIX}cluster_last_scan_timestamp_seconds",
             "When the cluster's latest scan started, whatever its outcome (Unix time)",

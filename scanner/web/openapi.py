@@ -18,7 +18,7 @@ process's own. Names (no `felix_` prefix: that is how the probe recognises Felix
 * `felixscan_cluster_status{cluster,status}`: 1 for the latest scan's status, 0 for the others
   (`compliant`, `non_compliant`, `error`)
 * `felixscan_cluster_nodes{cluster,verdict}`: nodes of the latest scan by verdict (`pass`,
-  `fail`, `unknown`)
+  `fail`, `unknown`, `waived`)
 * `felixscan_cluster_last_scan_timestamp_seconds{cluster}`,
   `felixscan_cluster_last_successful_scan_timestamp_seconds{cluster}`: when the latest scan, and
   the latest scan that was not an error, started (the latter absent while there is none)
@@ -65,6 +65,8 @@ def openapi() -> dict[str, Any]:
             "host": {"type": ["string", "null"],
                      "description": "PrometheusMetricsHost: empty = every interface"}}},
         "nodes": integer, "passing": integer, "failing": integer, "unknown": integer,
+        "waived": {"type": "integer", "description": "failing nodes whose risk a waiver in "
+                   "force accepted (not counted in failing)"},
         "error": {"type": ["string", "null"]}}}
     scan = {"type": "object", "properties": {
         "scan_id": integer, "cluster_scan_id": integer, "cluster": {"type": "string"},
@@ -123,7 +125,7 @@ def openapi() -> dict[str, Any]:
                     "cluster": {"type": "string"}, "day": {"type": "string", "format": "date"},
                     "nodes": integer, "failing": integer, "unknown": integer,
                     "ratio": {"type": ["number", "null"]}, "status": status,
-                    "scans": integer}}},
+                    "scans": integer, "waived": integer}}},
                     "trend rows")}},
             "/api/schedule": {"get": {
                 "summary": "This process's scheduled clusters, next runs, last outcomes",

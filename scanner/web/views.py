@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from scanner.core.errors import ReportError
+from scanner.core.errors import ReportError, SigningError
 from scanner.db.queries.pages import (
     ClusterOverview,
     LatestScan,
@@ -93,7 +93,8 @@ def _summary(rows: Sequence[ClusterOverview]) -> dict[str, int]:
             "error": sum(1 for x in latest if x.status == "error"),
             "never": len(rows) - len(latest),
             "failing": sum(x.failing for x in latest),
-            "unknown": sum(x.unknown for x in latest)}
+            "unknown": sum(x.unknown for x in latest),
+            "waived": sum(x.waived for x in latest)}
 
 
 # --- pages ---------------------------------------------------------------------------------
@@ -185,11 +186,16 @@ def _serve_report(request: Request, cluster_name: str | None, file: str) -> Resp
     try:
         report = st.reports.get(st.store, clusters=[cluster_name] if cluster_name else [],
                                 since=since, until=until, fmt=fmt, now=now)
+    except SigningError:
+        # Never an unsigned copy instead; the reason (key, passphrase, TSA) is in the log.
+        return page_error(request, 503, "Report not signed", "The report could not be signed; "
+                          "the server's log says why. Try again later.")
     except ReportError as exc:
         return page_error(request, 404, "No report for this period", str(exc))
     scope = cluster_name or "fleet"
     headers = {"x-felixscan-report-sha256": report.sha256,
-               "x-felixscan-cache": "hit" if report.cached else "miss"}
+               "x-felixscan-cache": "hit" if report.cached else "miss",
+               "x-felixscan-signed": "yes" if report.signed else "no"}
     if fmt == "html":
         headers["content-security-policy"] = REPORT_CSP
     # The name is made of a cluster name (`NAME`) and dates: nothing to quote.

@@ -27,10 +27,13 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
+from kubernetes.utils import parse_quantity
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+from scanner.app.cli import build_parser
+from scanner.app.commands import node_check
 from scanner.core.config import DEFAULT_DATABASE
 from tests.helpers.rbac_rules import (
     DEPLOY,
@@ -40,6 +43,7 @@ from tests.helpers.rbac_rules import (
     find,
     grants,
     key,
+    kubectl,
     render,
 )
 
@@ -134,7 +138,9 @@ def test_overlay_renders_into_valid_objects(overlay: str) -> None:
             load_strictly(obj)
     keys = [key(o) for o in objects]
     assert len(keys) == len(set(keys))
-    assert all(o["metadata"]["labels"].get("app.kubernetes.io/name") == "felixscan"
+    # node-check's pods are selected by the scan under a name of their own
+    name = "felixscan-node-check" if overlay == "node-check" else "felixscan"
+    assert all(o["metadata"]["labels"].get("app.kubernetes.io/name") == name
                for o in objects)
 
 
@@ -178,6 +184,7 @@ def test_pods_are_in_the_overlays_that_should_have_them() -> None:
     assert pods["serve"] == ["Deployment felixscan-serve"]
     assert not pods["remediation"] and not pods["remediation-operator"]
     assert not pods["valuefrom-access"]
+    assert pods["node-check"] == ["DaemonSet felixscan-node-check"]
 
 
 def _writable_mounts(pod: Obj, container: Obj) -> dict[str, str]:
@@ -198,7 +205,10 @@ def test_pod_security(overlay: str) -> None:
     for name, template in pod_templates(render(overlay)):
         pod = template["spec"]
         pod_sc = pod.get("securityContext") or {}
-        assert not {"hostNetwork", "hostPID", "hostIPC"} & {k for k, v in pod.items() if v}, name
+        # node-check reads the node's socket tables: the host network and nothing else of it
+        host = {"hostNetwork"} if overlay == "node-check" else set()
+        assert {"hostNetwork", "hostPID", "hostIPC"} & {k for k, v in pod.items() if v} == host, \
+            name
         assert not any("hostPath" in v for v in pod.get("volumes") or []), name
         for c in [*pod.get("initContainers", []), *pod["containers"]]:
             sc = {**pod_sc, **(c.get("securityContext") or {})}  # the container's wins
@@ -310,6 +320,85 @@ def test_namespace_enforces_the_restricted_pod_security_standard() -> None:
     # The add-on overlays leave the namespace alone: deleting them must not delete it.
     for overlay in ("remediation", "remediation-operator", "valuefrom-access"):
         assert not find(render(overlay), "Namespace")
+
+
+# --- node-check (docs/node-check.md) --------------------------------------------------------
+
+NODE_CHECK = ("felixscan-node-check", "felixscan-node-check")  # its namespace and its names
+
+
+def test_node_check_daemonset() -> None:
+    objects = render("node-check")
+    daemonset = find(objects, "DaemonSet", "felixscan-node-check")[0]
+    template = daemonset["spec"]["template"]
+    pod, labels = template["spec"], template["metadata"]["labels"]
+    # what the scan selects the pods by
+    assert labels["app.kubernetes.io/name"] == "felixscan-node-check"
+    assert labels["app.kubernetes.io/component"] == "node-check"
+    assert daemonset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # the node's network namespace, nothing else of the host
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert not {"hostPID", "hostIPC", "initContainers"} & set(pod)
+    assert not any("hostPath" in v for v in pod["volumes"])
+    # no Kubernetes API: no token, no role
+    assert pod["automountServiceAccountToken"] is False
+    account = find(objects, "ServiceAccount", pod["serviceAccountName"])[0]
+    assert account["automountServiceAccountToken"] is False
+    assert not grants([o for other in OVERLAYS for o in render(other)], NODE_CHECK)
+    # every node, whatever its taints
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    uid, gid = dockerfile_user()
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert "ports" not in c  # on the host network a containerPort would be a host port
+    assert c["env"] == [{"name": "NODE_NAME",
+                         "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    assert c["args"] == ["node-check", "--interval", "60"]
+    args = build_parser().parse_args(c["args"])  # what the image's entrypoint accepts
+    assert (args.handler, args.interval, args.once) == (node_check.run, 60.0, False)
+    # tiny: one process reading two small files a minute
+    requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+    assert parse_quantity(limits["cpu"]) <= parse_quantity("100m")
+    assert parse_quantity(limits["memory"]) <= parse_quantity("128Mi")
+    assert all(parse_quantity(requests[r]) <= parse_quantity(limits[r]) for r in limits)
+
+
+def test_node_check_has_a_privileged_namespace_of_its_own() -> None:
+    """hostNetwork is admitted by the `privileged` level only; felixscan stays `restricted`."""
+    objects = render("node-check")
+    (namespace,) = find(objects, "Namespace")
+    assert namespace["metadata"]["name"] == NODE_CHECK[0] != "felixscan"
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert {o["metadata"].get("namespace") for o in objects if o is not namespace} == \
+        {NODE_CHECK[0]}
+    for words in ("kubectl apply -k deploy/overlays/node-check", "privileged", "baseline",
+                  "host namespaces", "hostpid-patch.yaml"):
+        assert words in README, words
+
+
+def test_node_check_hostpid_patch_adds_hostpid_and_nothing_else(tmp_path: Path) -> None:
+    """What the comment in its kustomization.yaml tells the user to uncomment, applied."""
+    overlay = tmp_path / "node-check"
+    shutil.copytree(DEPLOY / "overlays" / "node-check", overlay)
+    kustomization = overlay / "kustomization.yaml"
+    commented = "# patchesStrategicMerge:\n# - hostpid-patch.yaml\n"
+    assert commented in kustomization.read_text()
+    kustomization.write_text(kustomization.read_text().replace(
+        commented, "patchesStrategicMerge:\n- hostpid-patch.yaml\n"))
+    proc = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    patched = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    pod = find(patched, "DaemonSet", "felixscan-node-check")[0]["spec"]["template"]["spec"]
+    assert pod.pop("hostPID") is True
+    assert patched == render("node-check")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -535,5 +535,5 @@ def test_every_test_named_in_docs_calico_exists() -> None:
     root = ROOT
     named = set(re.findall(r"`(test_[a-z0-9_]+)`", (root / "docs" / "calico.md").read_text()))
     defined = set(re.findall(r"^def (test_[a-z0-9_]+)\(", "\n".join(
-        p.read_text() for p in (root / "tests").glob("test_*.py")), re.MULTILINE))
+        p.read_text() for p in (root / "tests").rglob("test_*.py")), re.MULTILINE))
     assert named and named <= defined, sorted(named - defined)

@@ -195,7 +195,7 @@ def test_cli_trend_formats(store: Store, capsys: pytest.CaptureFixture[str]) -> 
                                                                       tzinfo=UTC), {"n": "pass"}))
     assert main(["trend", "--db", store.url, "--days", "3000", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "cluster,day,nodes,failing,unknown,ratio"
+    assert lines[0] == "cluster,day,nodes,failing,unknown,ratio,waived"
     assert any(line.startswith("'=HYPERLINK(evil)") for line in lines)
     assert main(["trend", "--db", store.url, "--days", "3000", "--format", "json",
                  "--cluster", "alpha"]) == 0

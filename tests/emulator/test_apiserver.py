@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import socket
 import ssl
 import stat
@@ -23,6 +24,7 @@ from kubernetes import client, watch
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
+from scanner.core.nodeview import latest_view
 from scanner.emulator import (
     KubeEmulator,
     NodeSpec,
@@ -40,6 +42,8 @@ from scanner.emulator.apiserver import (
     strategic_merge_patch,
 )
 from scanner.emulator.certs import KeyType, server_ssl_context
+from tests.helpers.rbac_rules import Permission, as_rbac_rules
+from tests.helpers.scan_harness import Harness
 
 CALICO = Path(__file__).resolve().parents[1] / "fixtures" / "calico"
 DAEMONSETS = sorted(CALICO.glob("*-calico-daemonset-calico-node.yaml"))
@@ -1129,7 +1133,7 @@ def test_fleet_builds_each_calico_version(
 def test_fleet_env_overrides_and_handle_moves(http_emu: KubeEmulator, http_kube: Clients) -> None:
     handle = build_calico_cluster(
         http_emu,
-        daemonset_yaml=find_fixture("v3.30"),
+        daemonset_yaml=find_fixture("v3.30", folder=CALICO),
         nodes=[*make_nodes(3), NodeSpec("old-0", "127.30.1.1", pod_revision="old")],
         env={
             "FELIX_PROMETHEUSMETRICSENABLED": {
@@ -1316,3 +1320,322 @@ def test_load_yaml_keeps_header_comments_and_timestamps(http_emu: KubeEmulator) 
     for path in sorted(CALICO.glob("*.yaml")):
         (obj,) = KubeEmulator().load_yaml(path)  # each fixture holds one object
         assert obj["metadata"]["resourceVersion"]
+
+
+# --- pods/log: the kubelet's logs, served as kube-apiserver serves them ----------------------
+
+LOG_NS = "node-check"
+VIEW_LINE = (
+    '{"schema":"felixscan.node-view","schema_version":"1.0","node":"%s",'
+    '"time":"2026-11-29T16:01:03Z","ports_checked":[9091],"complete":true,"listeners":[],'
+    '"files":{"tcp":{"path":"/proc/net/tcp","status":"ok","error":null,"lines":1,'
+    '"malformed_lines":0}},"malformed_lines":0}'
+)
+STAMPED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")  # the kubelet's RFC3339NanoFixed
+
+
+def add_log_pod(
+    emu: KubeEmulator,
+    name: str = "p",
+    containers: tuple[str, ...] = ("c",),
+    *,
+    node: str | None = "n1",
+    init: tuple[str, ...] = (),
+) -> None:
+    spec: dict[str, Any] = {"containers": [{"name": c, "image": "felixscan"} for c in containers]}
+    if init:
+        spec["initContainers"] = [{"name": c, "image": "felixscan"} for c in init]
+    if node:
+        spec["nodeName"] = node
+    emu.add(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": LOG_NS},
+            "spec": spec,
+            "status": {"phase": "Running"},
+        }
+    )
+
+
+def log_error(kube: Clients, name: str = "p", **options: Any) -> tuple[int, dict[str, Any]]:
+    with pytest.raises(ApiException) as err:
+        kube.core.read_namespaced_pod_log(name, LOG_NS, **options)
+    return err.value.status, status_of(err.value)
+
+
+def raw_log(api: client.ApiClient, path: str) -> Any:
+    """GET `path` as is (query included), for values the typed client would refuse to send."""
+    response: Any = api.call_api(
+        *api.param_serialize(
+            method="GET", resource_path=path, auth_settings=["BearerToken"], header_params={}
+        )
+    )
+    response.read()
+    return response
+
+
+def test_pod_log_is_text_plain_and_not_part_of_the_object(emu: KubeEmulator, kube: Clients) -> None:
+    add_log_pod(emu)
+    changes: list[Any] = []
+    unsubscribe = emu.on_change(changes.append)
+    before = emu.resource_version
+    log = "starting\n" + VIEW_LINE % "n1" + "\n"
+    emu.set_pod_log(LOG_NS, "p", log)
+    unsubscribe()
+    assert emu.resource_version == before and changes == []  # no write, no watch event
+    assert emu.pod_log(LOG_NS, "p") == log
+    # the decoded form: the client hands text/plain back as is (a JSON answer would be parsed)
+    assert kube.core.read_namespaced_pod_log("p", LOG_NS) == log
+    raw: Any = kube.core.read_namespaced_pod_log(
+        "p", LOG_NS, container="c", tail_lines=1, _preload_content=False
+    )
+    assert raw.status == 200
+    assert raw.headers["Content-Type"] == "text/plain"
+    assert raw.data == (VIEW_LINE % "n1" + "\n").encode()
+    # a container that has printed nothing: 200 and an empty body
+    add_log_pod(emu, "quiet")
+    assert kube.core.read_namespaced_pod_log("quiet", LOG_NS) == ""
+    # a pod on no node has no kubelet to ask: the apiserver answers 204 No Content
+    add_log_pod(emu, "pending", node=None)
+    unscheduled: Any = kube.core.read_namespaced_pod_log("pending", LOG_NS, _preload_content=False)
+    assert (unscheduled.status, unscheduled.data) == (204, b"")
+
+
+def test_pod_log_tail_limit_and_timestamps(http_emu: KubeEmulator, http_kube: Clients) -> None:
+    add_log_pod(http_emu)
+    http_emu.set_pod_log(LOG_NS, "p", "one\ntwo\nthree\nlast, unterminated")
+    read = http_kube.core.read_namespaced_pod_log
+    assert read("p", LOG_NS, tail_lines=2) == "three\nlast, unterminated"
+    assert read("p", LOG_NS, tail_lines=10) == "one\ntwo\nthree\nlast, unterminated"
+    assert read("p", LOG_NS, tail_lines=0) == ""
+    assert read("p", LOG_NS, limit_bytes=6) == "one\ntw"
+    stamped = read("p", LOG_NS, timestamps=True, tail_lines=2)
+    lines = stamped.split("\n")
+    assert [STAMPED.match(line) is not None for line in lines] == [True, True]
+    assert [line[31:] for line in lines] == ["three", "last, unterminated"]
+    # limitBytes counts the timestamps too: the kubelet's writer bounds what it writes
+    assert read("p", LOG_NS, timestamps=True, limit_bytes=31) == lines[0][:31]
+    # all lines were written when set_pod_log ran
+    assert read("p", LOG_NS, since_seconds=60) == "one\ntwo\nthree\nlast, unterminated"
+    path = f"/api/v1/namespaces/{LOG_NS}/pods/p/log"
+    future = raw_log(http_kube.api, f"{path}?sinceTime=2999-01-01T00:00:00Z")
+    assert (future.status, future.data) == (200, b"")
+    both = raw_log(http_kube.api, f"{path}?sinceTime=2000-01-01T00:00:00Z&sinceSeconds=5")
+    assert both.status == 422
+    assert json.loads(both.data)["message"] == (
+        'PodLogOptions "p" is invalid: '
+        ": Forbidden: at most one of `sinceTime` or `sinceSeconds` may be specified"
+    )
+
+
+def test_pod_log_options_are_validated_before_the_pod_is_read(
+    http_emu: KubeEmulator, http_kube: Clients
+) -> None:
+    # ValidatePodLogOptions: 422 Invalid, even for a pod that does not exist
+    code, status = log_error(http_kube, "missing", tail_lines=-1)
+    assert code == 422 and status["reason"] == "Invalid"
+    assert status["message"] == (
+        'PodLogOptions "missing" is invalid: '
+        "tailLines: Invalid value: -1: must be greater than or equal to 0"
+    )
+    assert status["details"] == {
+        "name": "missing",
+        "kind": "PodLogOptions",
+        "causes": [
+            {
+                "reason": "FieldValueInvalid",
+                "message": "Invalid value: -1: must be greater than or equal to 0",
+                "field": "tailLines",
+            }
+        ],
+    }
+    code, status = log_error(http_kube, limit_bytes=0)
+    assert (
+        code == 422
+        and "limitBytes: Invalid value: 0: must be greater than 0" in (status["message"])
+    )
+    # what the parameter codec cannot convert is 400
+    answer = raw_log(http_kube.api, f"/api/v1/namespaces/{LOG_NS}/pods/p/log?tailLines=ten")
+    assert answer.status == 400
+    assert json.loads(answer.data)["message"] == 'strconv.ParseInt: parsing "ten": invalid syntax'
+    # the pod is read next: 404 NotFound, the pod's own Status
+    code, status = log_error(http_kube, "missing")
+    assert (code, status["reason"], status["message"]) == (
+        404,
+        "NotFound",
+        'pods "missing" not found',
+    )
+    assert status["details"] == {"name": "missing", "kind": "pods"}
+
+
+def test_pod_log_container_rules(http_emu: KubeEmulator, http_kube: Clients) -> None:
+    add_log_pod(http_emu, containers=("felixscan", "sidecar"), init=("setup",))
+    http_emu.set_pod_log(LOG_NS, "p", "main\n", container="felixscan")
+    http_emu.set_pod_log(LOG_NS, "p", "side\n", container="sidecar")
+    http_emu.set_pod_log(LOG_NS, "p", "init\n", container="setup")
+    read = http_kube.core.read_namespaced_pod_log
+    assert read("p", LOG_NS, container="felixscan") == "main\n"
+    assert read("p", LOG_NS, container="sidecar") == "side\n"
+    assert read("p", LOG_NS, container="setup") == "init\n"  # init containers have logs too
+    code, status = log_error(http_kube)
+    assert (code, status["reason"], status["message"]) == (
+        400,
+        "BadRequest",
+        "a container name must be specified for pod p, choose one of: [setup felixscan sidecar]",
+    )
+    code, status = log_error(http_kube, container="nope")
+    assert (code, status["message"]) == (400, "container nope is not valid for pod p")
+    with pytest.raises(ValueError, match="a container name must be specified"):
+        http_emu.set_pod_log(LOG_NS, "p", "x")
+    with pytest.raises(ValueError, match="container nope is not valid for pod p"):
+        http_emu.set_pod_log(LOG_NS, "p", "x", container="nope")
+    with pytest.raises(KeyError):
+        http_emu.set_pod_log(LOG_NS, "absent", "x")
+
+
+def test_pod_log_of_the_previous_instance(http_emu: KubeEmulator, http_kube: Clients) -> None:
+    add_log_pod(http_emu)
+    read = http_kube.core.read_namespaced_pod_log
+    http_emu.set_pod_log(LOG_NS, "p", "now\n")
+    code, status = log_error(http_kube, previous=True)
+    assert (code, status["reason"], status["message"]) == (
+        400,
+        "BadRequest",
+        'previous terminated container "c" in pod "p" not found',
+    )
+    assert http_emu.pod_log(LOG_NS, "p", previous=True) is None
+    http_emu.set_pod_log(LOG_NS, "p", "now\n", previous="before the crash\nlast words\n")
+    assert read("p", LOG_NS, previous=True) == "before the crash\nlast words\n"
+    assert read("p", LOG_NS, previous=True, tail_lines=1) == "last words\n"
+    assert read("p", LOG_NS, previous=False) == "now\n"
+    # the log belongs to the pod instance: created again under the same name, it has none
+    http_emu.delete_object("v1", "Pod", "p", LOG_NS)
+    add_log_pod(http_emu)
+    assert read("p", LOG_NS) == ""
+    assert http_emu.pod_log(LOG_NS, "p") is None
+
+
+def test_pod_log_rbac_is_pods_log_get_and_comes_before_existence(
+    http_emu: KubeEmulator, http_kube: Clients
+) -> None:
+    add_log_pod(http_emu)
+    http_emu.set_pod_log(LOG_NS, "p", "hello\n")
+
+    def rules(*resources: str) -> list[dict[str, Any]]:
+        return [{"apiGroups": [""], "resources": list(resources), "verbs": ["get"]}]
+
+    # a rule for pods does not grant a subresource; nor does pods/* (RBAC matches "*",
+    # the exact "pods/log" and "*/log" only: rbac/v1 evaluation_helpers ResourceMatches)
+    for denied in (rules("pods"), rules("pods/*"), rules("pods/status")):
+        http_emu.set_rbac(denied)
+        for name in ("p", "missing"):  # 403 whether or not the pod exists
+            code, status = log_error(http_kube, name)
+            assert (code, status["reason"]) == (403, "Forbidden"), denied
+            assert status["message"] == (
+                f'pods "{name}" is forbidden: User "system:serviceaccount:felixscan:felixscan" '
+                f'cannot get resource "pods/log" in API group "" in the namespace "{LOG_NS}"'
+            )
+    for allowed in (rules("pods/log"), rules("*/log"), rules("*")):
+        http_emu.set_rbac(allowed)
+        assert http_kube.core.read_namespaced_pod_log("p", LOG_NS) == "hello\n", allowed
+        assert log_error(http_kube, "missing")[0] == 404
+    http_emu.set_rbac([{"apiGroups": [""], "resources": ["pods/log"], "verbs": ["list"]}])
+    assert log_error(http_kube)[0] == 403  # reading a log is the verb get
+
+
+def test_pod_log_requests_are_recorded_for_the_rbac_replay(
+    http_emu: KubeEmulator, http_kube: Clients
+) -> None:
+    add_log_pod(http_emu)
+    http_kube.core.read_namespaced_pod_log("p", LOG_NS, container="c", tail_lines=1)
+    (req,) = http_emu.requests
+    assert (req.method, req.path, req.query) == (
+        "GET",
+        f"/api/v1/namespaces/{LOG_NS}/pods/p/log",
+        {"container": "c", "tailLines": "1"},
+    )
+    assert (req.verb, req.api_group, req.resource, req.subresource) == ("get", "", "pods", "log")
+    assert (req.namespace, req.name, req.status, req.resource_request) == (LOG_NS, "p", 200, True)
+    # tests/helpers/rbac_rules reads it as "get pods/log": granted by that rule alone
+    log_rule = Permission("get", "", "pods/log", None, LOG_NS, "test")
+    assert log_rule.allows(req)
+    assert not Permission("get", "", "pods", None, LOG_NS, "test").allows(req)
+    assert as_rbac_rules([log_rule]) == [
+        {
+            "kind": "Role",
+            "metadata": {"name": "from-deploy", "namespace": LOG_NS},
+            "rules": [{"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}],
+        }
+    ]
+
+
+def test_pod_log_faults(http_emu: KubeEmulator, http_kube: Clients) -> None:
+    add_log_pod(http_emu)
+    http_emu.set_pod_log(LOG_NS, "p", "hello\n")
+    fault = http_emu.inject(r"pods/.*/log", status=500, times=1)
+    code, status = log_error(http_kube)
+    assert (code, status["reason"]) == (500, "InternalError")
+    assert fault.hits == 1 and http_emu.requests[-1].fault
+    assert http_kube.core.read_namespaced_pod_log("p", LOG_NS) == "hello\n"
+    slow = http_emu.inject(r"pods/p/log\?.*tailLines=1", delay=30)
+    started = time.monotonic()
+    with pytest.raises(Exception, match=r"[Tt]imed out"):
+        http_kube.core.read_namespaced_pod_log("p", LOG_NS, tail_lines=1, _request_timeout=0.3)
+    assert time.monotonic() - started < 10 and slow.hits >= 1
+    http_emu.clear_faults()
+    http_emu.inject(r"pods/.*/log", body=b"cut sho", times=1)  # a truncated body, still text
+    assert http_kube.core.read_namespaced_pod_log("p", LOG_NS) == "cut sho"
+
+
+def test_harness_node_check_serves_a_log_per_node(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    try:
+        harness.cluster("c", ["closed", "closed", "closed"])
+        emu = harness.emulators["c"]
+        harness.node_check(
+            "c",
+            {
+                "c-node-0": "booting\n" + VIEW_LINE % "c-node-0" + "\n",
+                "c-node-1": "",
+                "c-node-2": None,
+            },
+        )
+        with connect(emu, tmp_path) as api:
+            kube = Clients(api)
+            ds = kube.apps.read_namespaced_daemon_set("felixscan-node-check", "felixscan")
+            assert ds.spec.template.spec.host_network is True
+            assert (ds.status.desired_number_scheduled, ds.status.number_ready) == (3, 2)
+            selector = (
+                "app.kubernetes.io/name=felixscan-node-check,app.kubernetes.io/component=node-check"
+            )
+            pods = kube.core.list_namespaced_pod("felixscan", label_selector=selector).items
+            by_node = {p.spec.node_name: p for p in pods}
+            assert sorted(by_node) == ["c-node-0", "c-node-1"]  # None: no pod on c-node-2
+            for pod in pods:
+                assert pod.status.phase == "Running"
+                assert [c.name for c in pod.spec.containers] == ["node-check"]
+                (owner,) = pod.metadata.owner_references
+                assert (owner.kind, owner.name, owner.uid) == (
+                    "DaemonSet",
+                    "felixscan-node-check",
+                    ds.metadata.uid,
+                )
+            name = by_node["c-node-0"].metadata.name
+            tail = kube.core.read_namespaced_pod_log(
+                name, "felixscan", container="node-check", tail_lines=1, timestamps=True
+            )
+            view = latest_view(tail)
+            assert view is not None and view.node == "c-node-0"
+            empty = by_node["c-node-1"].metadata.name
+            assert (
+                kube.core.read_namespaced_pod_log(empty, "felixscan", container="node-check") == ""
+            )
+            # again: c-node-1 prints its first line, c-node-0's pod goes away
+            harness.node_check("c", {"c-node-0": None, "c-node-1": VIEW_LINE % "c-node-1"})
+            pods = kube.core.list_namespaced_pod("felixscan", label_selector=selector).items
+            assert [p.metadata.name for p in pods] == [empty]
+            line = kube.core.read_namespaced_pod_log(empty, "felixscan", container="node-check")
+            assert latest_view(line) is not None
+    finally:
+        harness.close()

@@ -33,6 +33,7 @@ PREREQUISITES = {
     "remediation": ("agent",),
     "remediation-operator": ("agent-operator",),
     "valuefrom-access": ("agent",),
+    "node-check-access": ("agent",),
 }
 AGENT = ("felixscan", "felixscan-agent")
 REMEDIATOR = ("felixscan", "felixscan-remediate")

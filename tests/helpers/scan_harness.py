@@ -7,6 +7,7 @@ the real `felixscan scan` (in-process, or as a subprocess) and returns its exit 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -24,9 +25,11 @@ import yaml
 from scanner.app.cli import main
 from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico_cluster
 from scanner.emulator.apiserver import write_kubeconfig
+from scanner.emulator.fleet import revision_hash
 from scanner.emulator.nodes import NodeFleet, address_for
 from tests.helpers.paths import CALICO, ROOT
 
+NODE_CHECK = ROOT / "deploy" / "overlays" / "node-check"
 CALICO_VERSIONS = sorted(p.name.split("-", 1)[0] for p in CALICO.glob("*-calico-daemonset-*.yaml"))
 # Fresh addresses: no reuse across tests, and a range of its own for each pytest process, so
 # two runs on one machine never share a node address.
@@ -110,6 +113,7 @@ class Harness:
         self.handles: dict[str, ClusterHandle] = {}
         self.addresses: dict[tuple[str, str], str] = {}
         self.extra_contexts: dict[str, str] = {}  # context -> server URL, for dead clusters
+        self.top_level: dict[str, Any] = {}  # more top-level config keys (waivers_file, ...)
         self.probe: dict[str, Any] = {"timeout_seconds": 0.5, "tls_timeout_seconds": 2,
                                       "http_timeout_seconds": 3}
         self.cluster_options: dict[str, dict[str, Any]] = {}
@@ -153,6 +157,79 @@ class Harness:
         """A context whose API server is not there at all (connection refused)."""
         self.extra_contexts[name] = url
 
+    def node_check(self, cluster: str, views: Mapping[str, str | None], *,
+                   namespace: str = "felixscan", container: str = "node-check") -> None:
+        """`felixscan node-check` running in `cluster`, as the API server shows it.
+
+        Adds DaemonSet felixscan-node-check to `namespace` (created if missing), made from
+        deploy/overlays/node-check (daemonset.yaml with the kustomization's commonLabels, its
+        container renamed `container`), and for each node of `views` (node name -> log text)
+        sets the log of that node's pod: a Running pod of the DaemonSet, with its labels,
+        created when missing. None: no pod on that node (removed if there was one); "": a pod
+        that has printed nothing yet. Calling it again updates only the nodes it names.
+        """
+        emu = self.emulators[cluster]
+        if emu.get_object("v1", "Namespace", namespace) is None:
+            emu.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        ds = emu.get_object("apps/v1", "DaemonSet", "felixscan-node-check", namespace)
+        if ds is None:
+            ds = yaml.safe_load((NODE_CHECK / "daemonset.yaml").read_text())
+            common = yaml.safe_load((NODE_CHECK / "kustomization.yaml").read_text())
+            # what `kubectl kustomize` does with commonLabels: objects, selector and template
+            for labels in (ds["metadata"].setdefault("labels", {}),
+                           ds["spec"]["selector"]["matchLabels"],
+                           ds["spec"]["template"]["metadata"]["labels"]):
+                labels.update(common["commonLabels"])
+            ds["metadata"]["namespace"] = namespace
+            ds["spec"]["template"]["spec"]["containers"][0]["name"] = container
+            ds = emu.add(ds)
+        name, uid, template = ds["metadata"]["name"], ds["metadata"]["uid"], ds["spec"]["template"]
+        owned = {p["spec"].get("nodeName"): p["metadata"]["name"]
+                 for p in emu.list_objects("v1", "Pod", namespace)
+                 if any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])}
+        for node, text in views.items():
+            pod_name = owned.get(node)
+            if text is None:
+                if pod_name is not None:
+                    emu.delete_object("v1", "Pod", pod_name, namespace)
+                    del owned[node]
+                continue
+            if pod_name is None:
+                # a DaemonSet pod's name is generateName plus five random characters; a hash of
+                # the node keeps it stable from run to run
+                pod_name = f"{name}-{hashlib.sha256(node.encode()).hexdigest()[:5]}"
+                address = self.addresses.get((cluster, node))  # hostNetwork: the node's IP
+                running = {"type": "Ready", "status": "True"}
+                emu.add({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {
+                        "name": pod_name, "generateName": f"{name}-", "namespace": namespace,
+                        "labels": {**template["metadata"]["labels"],
+                                   "controller-revision-hash": revision_hash(template),
+                                   "pod-template-generation": "1"},
+                        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                             "name": name, "uid": uid, "controller": True,
+                                             "blockOwnerDeletion": True}]},
+                    "spec": {**template["spec"], "nodeName": node},
+                    "status": {
+                        "phase": "Running",
+                        "conditions": [running, {**running, "type": "ContainersReady"},
+                                       {**running, "type": "PodScheduled"}],
+                        **({"hostIP": address, "podIP": address} if address else {}),
+                        "containerStatuses": [{
+                            "name": container, "ready": True, "restartCount": 0,
+                            "started": True, "image": template["spec"]["containers"][0]["image"],
+                            "imageID": "", "state": {"running": {}}}]}})
+                owned[node] = pod_name
+            emu.set_pod_log(namespace, pod_name, text, container=container)
+        # what the DaemonSet controller would report: one pod wanted per node (it tolerates
+        # every taint), the ones above scheduled and ready
+        wanted, scheduled = len(emu.list_objects("v1", "Node", copy=False)), len(owned)
+        emu.patch_object("apps/v1", "DaemonSet", name, namespace=namespace, patch={"status": {
+            "desiredNumberScheduled": wanted, "currentNumberScheduled": scheduled,
+            "updatedNumberScheduled": scheduled, "numberReady": scheduled,
+            "numberAvailable": scheduled, "observedGeneration": ds["metadata"]["generation"]}})
+
     def config(self, *, database: str | None = None) -> Path:
         kubeconfig = self.tmp / "kubeconfig"
         write_kubeconfig(kubeconfig, dict(self.emulators))
@@ -177,7 +254,7 @@ class Harness:
                                      "api_timeout_seconds": 2, "deadline_seconds": 20}
             entry.update(self.cluster_options.get(name, {}))
             clusters.append(entry)
-        doc: dict[str, Any] = {"clusters": clusters}
+        doc: dict[str, Any] = {"clusters": clusters, **self.top_level}
         if database:
             doc["database"] = database
         path = self.tmp / "felixscan.yaml"

@@ -92,6 +92,16 @@ def _operator(h: Harness) -> ClusterHandle:
     return h.cluster("c", ["closed", "closed"], install="operator")
 
 
+def _node_checked(h: Harness) -> ClusterHandle:
+    from tests.scan.test_node_view import NS, line
+
+    handle = h.cluster("c", [Node("closed", name="n1"), Node("closed", name="n2")])
+    h.cluster_options.setdefault("c", {})["node_check"] = {"namespace": NS}
+    h.node_check("c", {"n1": line("n1", listening=False), "n2": line("n2", listening=False)},
+                 namespace=NS)
+    return handle
+
+
 def _remediable(**build: Any) -> Callable[[Harness], ClusterHandle]:
     def make(h: Harness) -> ClusterHandle:
         handle = h.cluster("c", ["closed", "closed"], options={"remediation": {"enabled": True}},
@@ -113,6 +123,9 @@ SCENARIOS = [
              lambda h: h.cluster("c", ["closed"], install="operator",
                                  **_valuefrom_objects("false")),
              calico_namespace="calico-system"),
+    # node-check's view of each node, read from its pods' logs in its own namespace.
+    Scenario("scan-manifest-node-check", ("agent", "node-check-access"), AGENT,
+             _node_checked),
     # The env of a manifest install, changed and then rolled back (patch, rollout, re-scan).
     Scenario("remediate-env", ("agent", "remediation"), REMEDIATOR,
              _remediable(env={ENABLED: "true"}),

@@ -158,7 +158,7 @@ def test_scan_json_is_versioned_and_keeps_every_old_field(scans: dict[str, Run])
     alias = json.loads(scans["--json"].stdout)
     for d in (doc, alias):
         validate_json(d)
-        assert d["schema_version"] == "1.0"
+        assert d["schema_version"] == "1.1"
         assert d["tool"]["name"] == "felixscan" and d["tool"]["version"]
         assert {"scan_id", "started_at", "finished_at", "clusters"} <= set(d)
     assert findings_of(doc) == findings_of(alias)
@@ -168,9 +168,11 @@ def test_scan_json_is_versioned_and_keeps_every_old_field(scans: dict[str, Run])
     assert all(set(f) >= OLD_FINDING_KEYS for f in bad["findings"])
     verdicts = [n["verdict"] for n in bad["nodes"]]
     assert bad["totals"] == {"nodes": 7, "pass": verdicts.count("pass"),
-                             "fail": verdicts.count("fail"), "unknown": verdicts.count("unknown")}
-    assert bad["totals"] == {"nodes": 7, "pass": 2, "fail": 3, "unknown": 2}
-    assert cluster(doc, "good")["totals"] == {"nodes": 3, "pass": 3, "fail": 0, "unknown": 0}
+                             "fail": verdicts.count("fail"), "unknown": verdicts.count("unknown"),
+                             "waived": verdicts.count("waived")}
+    assert bad["totals"] == {"nodes": 7, "pass": 2, "fail": 3, "unknown": 2, "waived": 0}
+    assert cluster(doc, "good")["totals"] == {"nodes": 3, "pass": 3, "fail": 0, "unknown": 0,
+                                              "waived": 0}
     for f in bad["findings"]:
         assert f["title"] == RULES[f["id"]].title
         assert f["fix"], f
@@ -333,7 +335,7 @@ def test_scan_ocsf_events_are_compliance_findings(scans: dict[str, Run]) -> None
 def test_scan_csv_has_a_row_per_finding_and_no_formula(scans: dict[str, Run]) -> None:
     rows = list(csv.reader(io.StringIO(scans["csv"].stdout, newline="")))
     assert tuple(rows[0]) == CSV_COLUMNS == ("cluster", "node", "id", "severity", "title",
-                                             "message", "fix")
+                                             "message", "fix", "waiver")
     doc = json.loads(scans["json"].stdout)
     assert [(r[0], r[1] or None, r[2]) for r in rows[1:]] == [
         (c, "'" + n if n == HOSTILE_NODE else n, i) for c, n, i in findings_of(doc)]
@@ -378,7 +380,7 @@ def test_a_cluster_that_could_not_be_scanned_in_every_format(
     validate_json(doc)
     down = cluster(doc, "down")
     assert down["status"] == "error" and down["error"]
-    assert down["totals"] == {"nodes": 0, "pass": 0, "fail": 0, "unknown": 0}
+    assert down["totals"] == {"nodes": 0, "pass": 0, "fail": 0, "unknown": 0, "waived": 0}
     assert [f["id"] for f in down["findings"]] == ["CLUSTER-SCAN-FAILED"]
     log = json.loads(out["sarif"].stdout)
     sarif_validator.validate(log)
@@ -415,7 +417,8 @@ def test_output_writes_the_file_and_shows_the_summary(fleet: Fleet,
     again = fleet.scan("--format", "csv", "--output", str(target))
     assert again.code == 1
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
-    assert target.read_bytes().startswith(b"cluster,node,id,severity,title,message,fix\r\n")
+    assert target.read_bytes().startswith(
+        b"cluster,node,id,severity,title,message,fix,waiver\r\n")
     assert sorted(p.name for p in fleet.tmp.iterdir() if p.name.startswith(".scan")) == []
     dash = fleet.scan("--format", "json", "--output", "-")
     validate_json(json.loads(dash.stdout))
@@ -514,7 +517,7 @@ def test_report_json_on_postgresql(harness: Harness, pg_url: str) -> None:
     doc = json.loads(out.stdout)
     validate_json(doc)
     c = cluster(doc, "pg")
-    assert c["totals"] == {"nodes": 2, "pass": 1, "fail": 1, "unknown": 0}
+    assert c["totals"] == {"nodes": 2, "pass": 1, "fail": 1, "unknown": 0, "waived": 0}
     assert c["scan"]["started_at"] == datetime.fromisoformat(
         scan.doc["clusters"][0]["scan"]["started_at"]).astimezone(UTC).isoformat()
 

@@ -26,6 +26,7 @@ from reports import (
     report_hash,
     verify_pdf,
 )
+from reports.integrity import report_data
 from reports.render import TABLE_ROWS, code_spans, compact_names
 from scanner.core.errors import ReportError
 from scanner.core.evaluate import evaluate, failed_cluster
@@ -262,7 +263,8 @@ def test_html_is_self_contained_structured_and_escaped(filled: Store) -> None:
                 if k in ("src", "href") and a and not a.startswith("#")]
     assert not re.search(r"\bon\w+=", html)  # no event handlers either
     sections = [attrs.get("class") for t, attrs in page.tags if t == "section"]
-    assert sections == ["cover", "summary", "cluster", "cluster", "method", "integrity"]
+    assert sections == ["cover", "summary", "cluster", "cluster", "controls", "method",
+                        "integrity"]
     assert tags.count("svg") == 2 and tags.count("thead") >= 8
     assert tags.count("table") - tags.count("thead") <= 8  # only small key/value tables lack one
     text = "".join(page.text)
@@ -356,6 +358,21 @@ def test_editing_one_byte_of_the_data_breaks_the_hash(pdf: tuple[Path, str],
     assert not result.matched
     assert result.expected == digest and result.actual == report_hash(bytes(raw))
     assert "altered" in result.reason
+
+
+def test_embedded_data_reads_back_into_the_report_data(filled: Store,
+                                                      pdf: tuple[Path, str]) -> None:
+    """What `report verify` renders again: the embedded bytes, read back, are the data the
+    report was made from, and render to the same HTML."""
+    data = load_report(filled, now=NOW, **PERIOD)
+    (embedded,) = [f for f in PdfReader(pdf[0]).attachment_list if f.name == ATTACHMENT_NAME]
+    back = report_data(embedded.content)
+    assert back == data
+    assert render_html(back) == render_html(data)
+    with pytest.raises(ReportError, match="does not fit this felixscan's report data"):
+        report_data(b'{"title": "x"}')
+    with pytest.raises(ReportError, match=r"data\.clusters\[0\]: expected an object"):
+        report_data(canonical_json(data).replace(b'"clusters":[{', b'"clusters":[1,{', 1))
 
 
 def test_pdf_without_the_data_does_not_verify(tmp_path: Path) -> None:

@@ -426,7 +426,7 @@ def test_api(site: tuple[str, Store, FakeSchedule]) -> None:
                                          for d in (3, 2, 1)]
     assert trend[-1] == {"cluster": "prod-west", "day": str(TODAY - timedelta(days=1)),
                          "nodes": 3, "failing": 1, "unknown": 1, "ratio": 0.333333,
-                         "status": "non_compliant", "scans": 1}
+                         "status": "non_compliant", "scans": 1, "waived": 0}
     assert fetch(base, "/api/schedule").json()["jobs"][0]["cluster"] == "prod-east"
     for bad in ("/api/scans?limit=0", "/api/scans?limit=x", "/api/trend?days=99999",
                 "/api/runs?before=-1"):

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from scanner.app.commands import completion, db, demo, remediate, report, scan, serve, trend
+from scanner.app.commands import (
+    completion,
+    db,
+    demo,
+    node_check,
+    remediate,
+    report,
+    scan,
+    serve,
+    trend,
+)
 
 # In the order `felixscan --help` lists them.
-COMMANDS: tuple[ModuleType, ...] = (scan, report, demo, completion, remediate, serve, trend, db)
+COMMANDS: tuple[ModuleType, ...] = (scan, node_check, report, demo, completion, remediate,
+                                    serve, trend, db)

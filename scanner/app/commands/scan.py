@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from dataclasses import replace
 from typing import Any
 
 from reports.outputs import FORMATS as OUTPUT_FORMATS
@@ -31,10 +33,22 @@ def register(sub: Any) -> None:
                       "document, schema in reports/schemas/scan-result.schema.json); sarif "
                       "(SARIF 2.1.0); junit (JUnit XML: a suite per cluster, a case per "
                       "node); ocsf (OCSF Compliance Finding events); csv (a row per finding)")
+    scan.add_argument("--vantage", metavar="NAME", type=_vantage,
+                      help="name where the probes come from, recorded with the scan (e.g. "
+                      "corp-network, pod-network; default: $FELIXSCAN_VANTAGE, else the "
+                      "config's vantage, else this host's name); a node fails if any "
+                      "vantage's latest scan fails it")
     scan.add_argument("--output", metavar="FILE",
                       help="write the --format output to FILE (atomically) instead of stdout; "
                       "stdout then shows the text summary")
     scan.set_defaults(handler=run)
+
+
+def _vantage(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise argparse.ArgumentTypeError("expected a short name of letters, digits, '.', '_' "
+                                         "or '-' (at most 64), e.g. corp-network")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if to_file:
         check_out(args.output, flag="--output")  # before scanning, not after
     settings = settings_of(args).select(args.cluster)
+    if args.vantage:
+        settings = replace(settings, vantage=args.vantage)
     from contextlib import nullcontext, redirect_stdout
 
     from reports.outputs import render_scan, scan_text, write_output
@@ -57,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     with guard, Store(settings.database) as store:
         outcome = run_scan(settings, store=store, trigger="cli", lock_wait=LOCK_WAIT_SECONDS)
     body = render_scan(fmt, scan_id=outcome.scan_id, started_at=outcome.started_at,
-                       finished_at=outcome.finished_at, clusters=outcome.clusters)
+                       finished_at=outcome.finished_at, clusters=outcome.clusters,
+                       vantage=outcome.vantage)
     code = for_scan(outcome.status)
     if not to_file:
         sys.stdout.write(body)

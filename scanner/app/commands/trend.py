@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             columns = ["cluster", "node", "verdict", "since", "scans", "last_scan_at"]
         else:
             rows = [p.as_dict() for p in trend(store, clusters=args.cluster, days=args.days)]
-            columns = ["cluster", "day", "nodes", "failing", "unknown", "ratio"]
+            columns = ["cluster", "day", "nodes", "failing", "unknown", "ratio", "waived"]
     emit(rows, columns, args.format)
     return 0
 

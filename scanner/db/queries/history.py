@@ -22,10 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, and_, func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,7 +35,7 @@ from scanner.db.models import ClusterScan, DailyClusterSummary, FindingRow, Node
 from scanner.db.store import Store, redact_url
 
 REPORT_TITLE = "Calico Felix metrics endpoint compliance report"
-VERDICT_ORDER = {"fail": 0, "unknown": 1, "pass": 2}
+VERDICT_ORDER = {"fail": 0, "waived": 1, "unknown": 2, "pass": 3}
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3, "info": 4}
 
 
@@ -89,6 +89,7 @@ class FindingItem:
     message: str
     evidence: Mapping[str, Any]
     remediation: str
+    waiver: str | None = None  # the waiver in force that accepted it
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,17 @@ class Method:
 
 
 @dataclass(frozen=True, slots=True)
+class VantageResult:
+    """The latest scan of a cluster in the period from one vantage point (where the probes
+    came from): a node fails if any vantage's latest scan fails it."""
+
+    vantage: str
+    scan: ScanRef
+    failing: tuple[str, ...]  # the nodes that scan failed
+    unknown: int
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterReport:
     name: str
     latest: ScanRef
@@ -163,6 +175,13 @@ class ClusterReport:
     changes: Changes | None
     changes_note: str | None  # why there are no changes to show, when `changes` is None
     method: Method
+    nodes_waived: int = 0  # failing nodes whose risk a waiver in force accepted
+    waivers: tuple[Mapping[str, Any], ...] = ()  # the waivers that applied, as stored then
+    # The latest scan in the period from each vantage point, the latest scan's own first. With
+    # more than one, `status` is the worst of them and `failing_anywhere` every node any of
+    # them failed.
+    vantages: tuple[VantageResult, ...] = ()
+    failing_anywhere: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +199,10 @@ class ReportData:
     scan_ids: tuple[int, ...]  # every ScanRun.id the report draws on
     # Every scan drawn on came from `felixscan demo`: emulated clusters, not a real fleet.
     emulated: bool = False
+    # Who prepared the report and who owns the control (config `report.preparer` and
+    # `report.owner`), printed on the cover for sign-off; None when not configured.
+    preparer: str | None = None
+    owner: str | None = None
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -288,8 +311,8 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
     latest_row = s.execute(
         select(*_SCAN_COLUMNS, c.install, c.error, c.declared_enabled, c.declared_source,
                c.declared_port, c.namespace, c.daemonset, c.image, c.nodes_total, c.nodes_pass,
-               c.nodes_fail, c.nodes_unknown, c.snapshot, c.timings, ScanRun.scanner_host,
-               ScanRun.tool_version, ScanRun.trigger)
+               c.nodes_fail, c.nodes_unknown, c.nodes_waived, c.waivers, c.snapshot, c.timings,
+               ScanRun.scanner_host, ScanRun.tool_version, ScanRun.trigger)
         .join(ScanRun, ScanRun.id == c.run_id)
         .where(c.id == series[-1].cluster_scan_id)).one()
     latest = _ref(latest_row)
@@ -314,19 +337,25 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
             .where(NodeProbe.cluster_scan_id == previous_row.id))}
         changes = _changes(_ref(previous_row), before, nodes)
 
+    vantages = _vantages(s, name, since, until, latest_row,
+                         latest_failing=tuple(n.name for n in nodes if n.verdict == "fail"))
+    failing_anywhere = {f for v in vantages for f in v.failing}
+    worst = _worst([v.scan.status for v in vantages]) if len(vantages) > 1 else None
     snap: Mapping[str, Any] = latest_row.snapshot or {}
     findings = [
         FindingItem(id=f.finding_id, severity=f.severity, node=f.node, message=f.message,
-                    evidence=f.evidence or {}, remediation=f.remediation or "")
+                    evidence=f.evidence or {}, remediation=f.remediation or "",
+                    waiver=f.waiver)
         for f in s.execute(select(FindingRow.finding_id, FindingRow.severity, FindingRow.node,
                                   FindingRow.message, FindingRow.evidence,
-                                  FindingRow.remediation)
+                                  FindingRow.remediation, FindingRow.waiver)
                            .where(FindingRow.cluster_scan_id == latest_row.id)
                            .order_by(FindingRow.id))]
     findings.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.id,
                                  natural_key(f.node or "")))
     return ClusterReport(
-        name=name, latest=latest, install=latest_row.install, status=latest_row.status,
+        name=name, latest=latest, install=latest_row.install,
+        status=worst or latest_row.status,
         error=latest_row.error, declared_enabled=latest_row.declared_enabled,
         declared_source=latest_row.declared_source, declared_port=latest_row.declared_port,
         declared=snap.get("declared") or {}, namespace=latest_row.namespace,
@@ -340,7 +369,9 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
         series=series, changes=changes, changes_note=note,
         method=Method(scanner_host=latest_row.scanner_host,
                       tool_version=latest_row.tool_version, trigger=latest_row.trigger,
-                      probe=snap.get("probe") or {}, timings=latest_row.timings or {}))
+                      probe=snap.get("probe") or {}, timings=latest_row.timings or {}),
+        nodes_waived=latest_row.nodes_waived or 0, waivers=tuple(latest_row.waivers or ()),
+        vantages=vantages, failing_anywhere=tuple(sorted(failing_anywhere, key=natural_key)))
 
 
 def _ref(row: Any) -> ScanRef:
@@ -362,7 +393,7 @@ def _nodes(s: Session, cluster_scan_id: int) -> tuple[NodeEntry, ...]:
     # than the query.
     rows = [NodeEntry(**r._mapping) for r in s.execute(
         select(*_NODE_COLUMNS).where(NodeProbe.cluster_scan_id == cluster_scan_id))]
-    rows.sort(key=lambda n: (VERDICT_ORDER.get(n.verdict, 1), natural_key(n.name), n.port))
+    rows.sort(key=lambda n: (VERDICT_ORDER.get(n.verdict, 2), natural_key(n.name), n.port))
     return tuple(rows)
 
 
@@ -370,7 +401,7 @@ def _changes(previous: ScanRef, before: Mapping[str, str],
              latest: Iterable[NodeEntry]) -> Changes:
     after: dict[str, str] = {}
     for n in latest:  # a node probed on several ports counts with its worst verdict
-        if n.name not in after or VERDICT_ORDER.get(n.verdict, 1) < VERDICT_ORDER[after[n.name]]:
+        if n.name not in after or VERDICT_ORDER.get(n.verdict, 2) < VERDICT_ORDER[after[n.name]]:
             after[n.name] = n.verdict if n.verdict in VERDICT_ORDER else "unknown"
     new, fixed, regressed, other = [], [], [], []
     for name, verdict in after.items():
@@ -394,8 +425,52 @@ def _changes(previous: ScanRef, before: Mapping[str, str],
                    fixed=ordered(fixed), regressed=ordered(regressed), other=ordered(other))
 
 
+_STATUS_ORDER = {"non_compliant": 0, "error": 1, "compliant": 2}
+
+
+def _worst(statuses: Sequence[str]) -> str:
+    return min(statuses, key=lambda st: _STATUS_ORDER.get(st, 1))
+
+
+def _vantages(s: Session, name: str, since: date, until: date, latest_row: Any, *,
+              latest_failing: tuple[str, ...]) -> tuple[VantageResult, ...]:
+    """The latest scan of `name` in the period from each vantage (scan_runs.vantage, else the
+    host), the latest scan's own first; each with the nodes it failed."""
+    c = ClusterScan
+    vantage = func.coalesce(ScanRun.vantage, ScanRun.scanner_host)
+    first = datetime.combine(since, datetime.min.time(), tzinfo=UTC)
+    after = datetime.combine(until + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+    newest = (select(vantage.label("vantage"), func.max(c.started_at).label("at"))
+              .join(ScanRun, ScanRun.id == c.run_id)
+              .where(c.cluster == name, c.started_at >= first, c.started_at < after)
+              .group_by(vantage).subquery("newest"))
+    rows = s.execute(
+        select(newest.c.vantage, *_SCAN_COLUMNS, c.nodes_unknown)
+        .join(ScanRun, ScanRun.id == c.run_id)
+        .join(newest, and_(newest.c.at == c.started_at,
+                           newest.c.vantage == func.coalesce(ScanRun.vantage,
+                                                             ScanRun.scanner_host)))
+        .where(c.cluster == name)
+        .order_by(c.started_at.desc(), c.id.desc())).all()
+    seen: set[str] = set()
+    out: list[VantageResult] = []
+    for row in rows:
+        if row.vantage in seen:
+            continue
+        seen.add(row.vantage)
+        # The latest scan's nodes are read already; another vantage's cost one more query.
+        failing = latest_failing if row.id == latest_row.id else tuple(s.scalars(
+            select(NodeProbe.node).where(NodeProbe.cluster_scan_id == row.id,
+                                         NodeProbe.verdict == "fail").distinct()))
+        out.append(VantageResult(vantage=row.vantage, scan=_ref(row), failing=failing,
+                                 unknown=row.nodes_unknown))
+    out.sort(key=lambda v: (v.scan.cluster_scan_id != latest_row.id, v.vantage))
+    return tuple(out)
+
+
 def _scan_ids(report: ClusterReport) -> Iterable[int]:
     yield report.latest.scan_id
+    yield from (v.scan.scan_id for v in report.vantages)
     yield from (p.scan_id for p in report.series)
     if report.changes is not None:
         yield report.changes.previous.scan_id

@@ -25,6 +25,7 @@ class ClusterState:
     unknown: int
     last_scan: datetime  # when the latest scan started
     last_success: datetime | None  # when the latest scan that was not an error started
+    waived: int = 0  # failing nodes whose risk a waiver in force accepted
 
 
 def cluster_states(store: Store) -> list[ClusterState]:
@@ -37,7 +38,7 @@ def cluster_states(store: Store) -> list[ClusterState]:
     success = (select(c.started_at).where(c.cluster == d.cluster, c.status != "error")
                .order_by(c.started_at.desc()).limit(1).correlate(d).scalar_subquery())
     query = (select(d.cluster, d.status, d.nodes, d.passing, d.failing, d.unknown,
-                    d.last_started_at, success.label("last_success"))
+                    d.last_started_at, success.label("last_success"), d.waived)
              .join(newest, and_(newest.c.cluster == d.cluster, newest.c.day == d.day))
              .order_by(d.cluster))
     with store.reading() as s:

@@ -54,6 +54,7 @@ class LatestScan:
     unknown: int
     error: str | None
     declared_host: str | None = None  # "" = every interface; a loopback address: loopback only
+    waived: int = 0  # failing nodes whose risk a waiver in force accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,8 @@ def _latest_query() -> Any:
                    ClusterScan.install, ClusterScan.declared_enabled,
                    ClusterScan.declared_source, ClusterScan.declared_port,
                    ClusterScan.nodes_total, ClusterScan.nodes_pass, ClusterScan.nodes_fail,
-                   ClusterScan.nodes_unknown, ClusterScan.error, ClusterScan.declared_host)
+                   ClusterScan.nodes_unknown, ClusterScan.error, ClusterScan.declared_host,
+                   ClusterScan.nodes_waived)
             .join(D, D.last_cluster_scan_id == ClusterScan.id)
             .join(newest, and_(newest.c.cluster == D.cluster, newest.c.day == D.day)))
 
@@ -180,7 +182,7 @@ def _latest(row: Any) -> LatestScan:
                       finished_at=row[4], status=row[5], install=row[6],
                       declared_enabled=row[7], declared_source=row[8], declared_port=row[9],
                       nodes=row[10], passing=row[11], failing=row[12], unknown=row[13],
-                      error=row[14], declared_host=row[15])
+                      error=row[14], declared_host=row[15], waived=row[16] or 0)
 
 
 def known_clusters(store: Store) -> list[str]:

@@ -28,12 +28,13 @@ class TrendPoint:
     ratio: float | None  # passing / nodes; None when no node was scanned (the scan failed)
     status: str
     scans: int  # scans of the cluster that day
+    waived: int = 0  # failing nodes whose risk a waiver in force accepted (not in `failing`)
 
     def as_dict(self) -> dict[str, object]:
         return {"cluster": self.cluster, "day": self.day.isoformat(), "nodes": self.nodes,
                 "failing": self.failing, "unknown": self.unknown,
                 "ratio": None if self.ratio is None else round(self.ratio, 6),
-                "status": self.status, "scans": self.scans}
+                "status": self.status, "scans": self.scans, "waived": self.waived}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +61,15 @@ def trend(store: Store, *, clusters: Sequence[str] = (), days: int = 30,
     # Plain columns, not ORM entities: a year of a fleet is thousands of rows, and building
     # mapped objects for them would cost more than the query.
     stmt = (select(t.cluster, t.day, t.nodes, t.passing, t.failing, t.unknown, t.status,
-                   t.scans)
+                   t.scans, t.waived)
             .where(t.day >= first, t.day <= today).order_by(t.cluster, t.day))
     if clusters:
         stmt = stmt.where(t.cluster.in_(list(clusters)))
     with store.reading() as s:
         return [TrendPoint(cluster=cluster, day=day, nodes=nodes, failing=failing,
                            unknown=unknown, ratio=passing / nodes if nodes else None,
-                           status=status, scans=scans)
-                for cluster, day, nodes, passing, failing, unknown, status, scans
+                           status=status, scans=scans, waived=waived)
+                for cluster, day, nodes, passing, failing, unknown, status, scans, waived
                 in s.execute(stmt)]
 
 
