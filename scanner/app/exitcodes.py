@@ -29,11 +29,11 @@ class ExitCode(IntEnum):
 
 
 EXIT_CODES = (
-    "Exit codes: 0 all compliant (a cluster whose only failures are waived by waivers in force "
-    "counts as compliant), 1 at least one non-compliant, 2 usage or configuration error, "
+    "Exit codes: 0 all compliant, 1 at least one non-compliant, 2 usage or configuration error, "
     "3 at least one cluster could not be scanned (none non-compliant), 4 the results database "
     "cannot be used or a result could not be stored (this wins over 1 and 3: the record is "
-    "incomplete).")
+    "incomplete). A cluster whose only failures are waived by waivers in force counts as "
+    "compliant.")
 
 _SCAN = {"compliant": ExitCode.OK, "non_compliant": ExitCode.NON_COMPLIANT,
          "error": ExitCode.CLUSTER_ERROR, "not_stored": ExitCode.STORE}

@@ -77,7 +77,7 @@ class NodeCheckSettings:
 
     namespace: str = "felixscan-node-check"
     selector: str = "app.kubernetes.io/component=node-check"  # label selector of its pods
-    container: str = "node-check"
+    container: str = "felixscan"  # as deploy/overlays/node-check names it
     max_age_seconds: float = 300.0  # an older line is stale: the verdict does not rest on it
     tail_lines: int = 20  # log lines read per pod; the newest valid one counts
 

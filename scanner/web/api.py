@@ -134,6 +134,10 @@ def cluster(request: Request) -> Response:
              "trigger": a.trigger, "mode": a.mode, "outcome": a.outcome,
              "message": a.message, "objects": a.objects} for a in page.remediation],
         "schedule": describe_jobs([jobs[name]])[0] if name in jobs else None,
+        "vantages": [{"vantage": v.vantage, "scan_id": v.scan.scan_id,
+                      "started_at": v.scan.started_at, "status": v.scan.status,
+                      "failing": list(v.failing), "unknown": v.unknown}
+                     for v in page.vantages],
     })
 
 

@@ -158,7 +158,8 @@ class Harness:
         self.extra_contexts[name] = url
 
     def node_check(self, cluster: str, views: Mapping[str, str | None], *,
-                   namespace: str = "felixscan", container: str = "node-check") -> None:
+                   namespace: str = "felixscan-node-check",
+                   container: str = "felixscan") -> None:
         """`felixscan node-check` running in `cluster`, as the API server shows it.
 
         Adds DaemonSet felixscan-node-check to `namespace` (created if missing), made from

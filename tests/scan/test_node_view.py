@@ -131,3 +131,17 @@ def test_node_check_pods_that_cannot_be_read_leave_the_verdict_as_before(
     assert n1["verdict"] == "pass" and n1["node_view"]["state"] == "no_view"
     assert "node-check could not be read" in n1["node_view"]["reason"]
     assert ("NODE-VIEW-MISSING", None) in ids(out, "c")
+
+
+def test_the_defaults_find_what_deploy_installs() -> None:
+    """`node_check: {}` reads the DaemonSet of deploy/overlays/node-check as it is rendered:
+    its namespace, its pods' labels and its container's name."""
+    from scanner.core.config import NodeCheckSettings
+    from tests.helpers.rbac_rules import render
+
+    [ds] = [o for o in render("node-check") if o["kind"] == "DaemonSet"]
+    d = NodeCheckSettings()
+    assert ds["metadata"]["namespace"] == d.namespace
+    key, _, value = d.selector.partition("=")
+    assert ds["spec"]["template"]["metadata"]["labels"][key] == value
+    assert [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]] == [d.container]

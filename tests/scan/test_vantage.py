@@ -83,3 +83,26 @@ def test_the_vantage_comes_from_the_config_or_the_environment(
     harness.top_level["vantage"] = "bad name!"
     broken = felixscan("scan", "--config", str(harness.config()), "--db", sqlite_url)
     assert broken.code == 2 and "vantage" in broken.stderr
+
+
+def test_the_web_page_and_api_show_each_vantage(harness: Harness, sqlite_url: str,
+                                                tmp_path: Path) -> None:
+    from reports.cache import ReportCache
+    from scanner.db.store import Store
+    from tests.web.test_web import TOKEN, Auth, create_app, fetch, served
+
+    handle = harness.cluster("prod", [Node("closed", name="a-1")], env={ENABLED: "true"})
+    config = str(harness.config())
+    assert felixscan("scan", "--config", config, "--db", sqlite_url,
+                     "--vantage", "pod-network").code == 1
+    handle.update_env({ENABLED: "false"}, roll=True)
+    assert felixscan("scan", "--config", config, "--db", sqlite_url,
+                     "--vantage", "corp-network").code == 0
+    with Store(sqlite_url) as store:
+        app = create_app(store=store, auth=Auth(token=TOKEN), reports=ReportCache(tmp_path / "c"))
+        with served(app) as base:
+            detail = fetch(base, "/api/clusters/prod").json()
+            assert [v["vantage"] for v in detail["vantages"]] == ["corp-network", "pod-network"]
+            assert detail["vantages"][1]["failing"] == ["a-1"]
+            page = fetch(base, "/clusters/prod").text
+            assert "Vantage points" in page and "pod-network" in page

@@ -337,8 +337,9 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
             .where(NodeProbe.cluster_scan_id == previous_row.id))}
         changes = _changes(_ref(previous_row), before, nodes)
 
-    vantages = _vantages(s, name, since, until, latest_row,
-                         latest_failing=tuple(n.name for n in nodes if n.verdict == "fail"))
+    vantages = vantage_results(s, name, since, until, latest_id=latest_row.id,
+                               latest_failing=tuple(n.name for n in nodes
+                                                    if n.verdict == "fail"))
     failing_anywhere = {f for v in vantages for f in v.failing}
     worst = _worst([v.scan.status for v in vantages]) if len(vantages) > 1 else None
     snap: Mapping[str, Any] = latest_row.snapshot or {}
@@ -432,10 +433,11 @@ def _worst(statuses: Sequence[str]) -> str:
     return min(statuses, key=lambda st: _STATUS_ORDER.get(st, 1))
 
 
-def _vantages(s: Session, name: str, since: date, until: date, latest_row: Any, *,
-              latest_failing: tuple[str, ...]) -> tuple[VantageResult, ...]:
+def vantage_results(s: Session, name: str, since: date, until: date, *, latest_id: int,
+                    latest_failing: tuple[str, ...] | None = None) -> tuple[VantageResult, ...]:
     """The latest scan of `name` in the period from each vantage (scan_runs.vantage, else the
-    host), the latest scan's own first; each with the nodes it failed."""
+    host), the one of cluster scan `latest_id` first; each with the nodes it failed
+    (`latest_failing`: those of `latest_id`, when the caller has read them already)."""
     c = ClusterScan
     vantage = func.coalesce(ScanRun.vantage, ScanRun.scanner_host)
     first = datetime.combine(since, datetime.min.time(), tzinfo=UTC)
@@ -459,12 +461,13 @@ def _vantages(s: Session, name: str, since: date, until: date, latest_row: Any, 
             continue
         seen.add(row.vantage)
         # The latest scan's nodes are read already; another vantage's cost one more query.
-        failing = latest_failing if row.id == latest_row.id else tuple(s.scalars(
+        failing = latest_failing if row.id == latest_id and latest_failing is not None \
+            else tuple(s.scalars(
             select(NodeProbe.node).where(NodeProbe.cluster_scan_id == row.id,
                                          NodeProbe.verdict == "fail").distinct()))
         out.append(VantageResult(vantage=row.vantage, scan=_ref(row), failing=failing,
                                  unknown=row.nodes_unknown))
-    out.sort(key=lambda v: (v.scan.cluster_scan_id != latest_row.id, v.vantage))
+    out.sort(key=lambda v: (v.scan.cluster_scan_id != latest_id, v.vantage))
     return tuple(out)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import and_, case, func, select, text
@@ -25,7 +25,7 @@ from scanner.db.models import (
     RemediationAction,
     ScanRun,
 )
-from scanner.db.queries.history import DayPoint
+from scanner.db.queries.history import DayPoint, VantageResult, vantage_results
 from scanner.db.store import Store
 
 T = TypeVar("T")
@@ -148,6 +148,8 @@ class ClusterPage:
     findings: tuple[FindingView, ...]  # worst first
     findings_total: int
     remediation: tuple[RemediationView, ...]  # newest first
+    # The latest scan in the shown period from each vantage point, the latest one first.
+    vantages: tuple[VantageResult, ...] = ()
 
 
 def _read(store: Store, work: Callable[[Session], T]) -> T:
@@ -258,7 +260,9 @@ def cluster_page(store: Store, name: str, *, since: date, scans: int = 30, issue
                 RemediationView(id=a.id, started_at=a.started_at, finished_at=a.finished_at,
                                 trigger=a.trigger, mode=a.mode, outcome=a.outcome,
                                 message=a.message, objects=len(a.objects or []))
-                for a in action_rows))
+                for a in action_rows),
+            vantages=vantage_results(s, name, since, date.max - timedelta(days=1),
+                                     latest_id=latest.cluster_scan_id))
     return _read(store, work)
 
 
