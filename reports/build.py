@@ -13,7 +13,7 @@ import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from enum import StrEnum
 from io import BytesIO
@@ -77,7 +77,8 @@ def build_report(store: Store, *, clusters: Sequence[str] = (), since: date | No
                  until: date | None = None, fmt: str = "pdf", out: str | Path,
                  pdf_variant: str | None = None, now: datetime | None = None,
                  signing: SigningSettings | None = None,
-                 environ: Mapping[str, str] | None = None) -> ReportInfo:
+                 environ: Mapping[str, str] | None = None,
+                 preparer: str | None = None, owner: str | None = None) -> ReportInfo:
     """Write the report for `clusters` (all when empty) over `since`..`until` to `out`,
     signed with `signing` (a PDF only; `environ` holds a passphrase_env, default os.environ).
 
@@ -85,7 +86,8 @@ def build_report(store: Store, *, clusters: Sequence[str] = (), since: date | No
     SigningError (a ReportError) when it cannot be signed; nothing is written then.
     """
     r = render_report(store, clusters=clusters, since=since, until=until, fmt=fmt,
-                      pdf_variant=pdf_variant, now=now, signing=signing, environ=environ)
+                      pdf_variant=pdf_variant, now=now, signing=signing, environ=environ,
+                      preparer=preparer, owner=owner)
     t = time.perf_counter()
     path = Path(out)
     _write_atomically(path, r.body)
@@ -98,8 +100,10 @@ def build_report(store: Store, *, clusters: Sequence[str] = (), since: date | No
 def render_report(store: Store, *, clusters: Sequence[str] = (), since: date | None = None,
                   until: date | None = None, fmt: str = "pdf", pdf_variant: str | None = None,
                   now: datetime | None = None, signing: SigningSettings | None = None,
-                  environ: Mapping[str, str] | None = None) -> RenderedReport:
-    """The report's bytes, as `build_report` would write them; the same errors."""
+                  environ: Mapping[str, str] | None = None, preparer: str | None = None,
+                  owner: str | None = None) -> RenderedReport:
+    """The report's bytes, as `build_report` would write them; the same errors. `preparer`
+    and `owner` (config `report.preparer`, `report.owner`) go on the cover, for sign-off."""
     if fmt not in FORMATS:
         raise ReportError(f"unknown report format {fmt!r}; use {', '.join(FORMATS)}")
     if pdf_variant is not None and fmt != "pdf":
@@ -109,7 +113,8 @@ def render_report(store: Store, *, clusters: Sequence[str] = (), since: date | N
     check_pdf_variant(pdf_variant)  # before the queries: a typo should fail at once
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    data = load_report(store, clusters=clusters, since=since, until=until, now=now)
+    data = replace(load_report(store, clusters=clusters, since=since, until=until, now=now),
+                   preparer=preparer, owner=owner)
     timings["query"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -66,8 +66,10 @@ class ReportCache:
 
     def __init__(self, directory: Path, *, entries: int = 64, parallel: int = 2,
                  signing: SigningSettings | None = None,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None,
+                 preparer: str | None = None, owner: str | None = None) -> None:
         self.signing = signing
+        self.preparer, self.owner = preparer, owner  # on every report's cover
         self._environ = environ  # where `signing.passphrase_env` is looked up (os.environ)
         self._signer: SignerInfo | None = None
         if signing is not None:
@@ -98,7 +100,8 @@ class ReportCache:
             fmt: str, now: datetime | None = None) -> CachedReport:
         """The report, its file open (the caller closes it); raises ReportError (unknown
         cluster, empty period) like the CLI."""
-        data = load_report(store, clusters=clusters, since=since, until=until, now=now)
+        data = replace(load_report(store, clusters=clusters, since=since, until=until, now=now),
+                       preparer=self.preparer, owner=self.owner)
         key = hashlib.sha256(canonical_json(replace(data, generated_at=_EPOCH))).hexdigest()
         signer = self._signer if fmt == "pdf" else None
         if signer is not None:

@@ -278,7 +278,8 @@ def _summary(data: ReportData) -> dict[str, Any]:
         "overall": ("non_compliant" if status["non_compliant"] else "not_proven"
                     if status["error"] or data.not_scanned or not data.clusters
                     else "compliant"),
-        "vantages": sorted({c.method.scanner_host for c in data.clusters}),
+        "vantages": sorted({v.vantage for c in data.clusters for v in c.vantages}
+                           or {c.method.vantage or c.method.scanner_host for c in data.clusters}),
         "waivers": [(c.name, w) for c in data.clusters for w in c.waivers],
         "worst": groups[:WORST_FINDINGS], "more_findings": max(0, len(groups) - WORST_FINDINGS),
     }

@@ -524,7 +524,8 @@ def run_serve(settings: Settings, *, listen: str, environ: Mapping[str, str] | N
         scheduler = ScanScheduler(settings, store, alerts=alerts, remediate=remediate)
         cache = ReportCache(settings.serve.report_cache_dir or _default_cache_dir(),
                             entries=settings.serve.report_cache_entries,
-                            signing=settings.report.signing, environ=env)
+                            signing=settings.report.signing, environ=env,
+                            preparer=settings.report.preparer, owner=settings.report.owner)
         stack.append(cache.close)
         app = create_app(store=store, auth=auth, schedule=scheduler, alerts=alerts,
                          stats=scheduler.stats, reports=cache,

@@ -28,7 +28,7 @@ from scanner.app.options import (
     date_arg,
     verbosity,
 )
-from scanner.core.config import SigningSettings, load_settings
+from scanner.core.config import ReportSettings, SigningSettings, load_settings
 from scanner.core.errors import ReportError
 from scanner.telemetry import progress
 
@@ -133,9 +133,11 @@ def _run(args: argparse.Namespace) -> int:
     with Store(database_url(args)) as store, progress.current().step(
             f"report: rendering {args.out} ({fmt}{', signed' if signing else ''})"):
         check_readable(store)
+        people = _people(args)
         info = reports.build_report(store, clusters=args.cluster, since=args.since,
                                     until=args.until, fmt=fmt, out=args.out,
-                                    pdf_variant=args.pdf_variant, signing=signing)
+                                    pdf_variant=args.pdf_variant, signing=signing,
+                                    preparer=people.preparer, owner=people.owner)
         from scanner.db.queries.retention import record_report
 
         record_report(store, fmt=info.format, sha256=info.sha256, location=str(info.path),
@@ -158,6 +160,14 @@ def _sign_flags(args: argparse.Namespace) -> dict[str, Any]:
             "--sign-passphrase-env": args.sign_passphrase_env,
             "--sign-passphrase-file": args.sign_passphrase_file, "--tsa-url": args.tsa_url,
             "--sign-reason": args.sign_reason, "--sign-location": args.sign_location}
+
+
+def _people(args: argparse.Namespace) -> ReportSettings:
+    """Who prepared the report and who owns the control: `report.preparer` and `report.owner`
+    of the config file, when one is given (--config or $FELIXSCAN_CONFIG)."""
+    if args.config or os.environ.get("FELIXSCAN_CONFIG"):
+        return load_settings(args.config).report
+    return ReportSettings()
 
 
 def _signing(args: argparse.Namespace, fmt: str) -> SigningSettings | None:

@@ -130,11 +130,12 @@ class Changes:
 class Method:
     """How the latest scan was made, as recorded with it."""
 
-    scanner_host: str  # where the probes came from
+    scanner_host: str  # the host the probes came from
     tool_version: str
     trigger: str
     probe: Mapping[str, Any]  # probe settings (timeouts, address type) when the scan stored them
     timings: Mapping[str, Any]  # seconds spent on the API, probing, storing
+    vantage: str | None = None  # where the probes came from, by name (None: scanner_host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +313,7 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
         select(*_SCAN_COLUMNS, c.install, c.error, c.declared_enabled, c.declared_source,
                c.declared_port, c.namespace, c.daemonset, c.image, c.nodes_total, c.nodes_pass,
                c.nodes_fail, c.nodes_unknown, c.nodes_waived, c.waivers, c.snapshot, c.timings,
-               ScanRun.scanner_host, ScanRun.tool_version, ScanRun.trigger)
+               ScanRun.scanner_host, ScanRun.tool_version, ScanRun.trigger, ScanRun.vantage)
         .join(ScanRun, ScanRun.id == c.run_id)
         .where(c.id == series[-1].cluster_scan_id)).one()
     latest = _ref(latest_row)
@@ -370,7 +371,8 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
         series=series, changes=changes, changes_note=note,
         method=Method(scanner_host=latest_row.scanner_host,
                       tool_version=latest_row.tool_version, trigger=latest_row.trigger,
-                      probe=snap.get("probe") or {}, timings=latest_row.timings or {}),
+                      probe=snap.get("probe") or {}, timings=latest_row.timings or {},
+                      vantage=latest_row.vantage or latest_row.scanner_host),
         nodes_waived=latest_row.nodes_waived or 0, waivers=tuple(latest_row.waivers or ()),
         vantages=vantages, failing_anywhere=tuple(sorted(failing_anywhere, key=natural_key)))
 
