@@ -297,6 +297,7 @@ def _report_node(n: NodeEntry) -> NodeDoc:
     return {"name": n.name, "address": n.address, "port": n.port, "state": n.state,
             "protocol": n.protocol, "felix": n.felix, "verdict": n.verdict,
             "waiver": None,  # stored per scan (`waivers`), not per node
+            "node_view": dict(n.node_view) if n.node_view else None,
             "declared_enabled": n.declared_enabled, "declared_source": n.declared_source,
             "declared_host": n.declared_host, "pod_current": n.pod_current, "error": n.error,
             "addresses": [{"address": a.get("address"), "state": str(a.get("state")),

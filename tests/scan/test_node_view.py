@@ -145,3 +145,22 @@ def test_the_defaults_find_what_deploy_installs() -> None:
     key, _, value = d.selector.partition("=")
     assert ds["spec"]["template"]["metadata"]["labels"][key] == value
     assert [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]] == [d.container]
+
+
+def test_the_report_shows_the_node_view(harness: Harness, sqlite_url: str, tmp_path: Any) -> None:
+    from pypdf import PdfReader
+
+    from tests.helpers.scan_harness import felixscan
+
+    harness.cluster("c", [Node("silent", name="hidden")])
+    harness.probe["timeout_seconds"] = 0.3
+    configure(harness, "c")
+    harness.node_check("c", {"hidden": line("hidden", listening=True)}, namespace=NS)
+    assert harness.scan(sqlite_url).code == 1
+    pdf = tmp_path / "r.pdf"
+    assert felixscan("report", "--db", sqlite_url, "--out", str(pdf)).code == 0
+    words = " ".join(" ".join(p.extract_text().split()) for p in PdfReader(pdf).pages)
+    assert "on the node: listening (0.0.0.0:9091)" in words
+    assert "FELIX-LISTENING-NOT-REACHABLE" in words
+    document = felixscan("report", "--db", sqlite_url, "--format", "json")
+    assert '"state": "listening"' in document.stdout

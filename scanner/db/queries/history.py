@@ -79,6 +79,7 @@ class NodeEntry:
     error: str | None
     addresses: list[dict[str, Any]] | None = None  # every address probed, when more than one
     declared_host: str | None = None
+    node_view: Mapping[str, Any] | None = None  # what node-check said on the node, if read
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +389,7 @@ _NODE_COLUMNS = (NodeProbe.node.label("name"), NodeProbe.address, NodeProbe.port
                  NodeProbe.node_ready, NodeProbe.tls_version, NodeProbe.tls_subject,
                  NodeProbe.tls_issuer, NodeProbe.tls_self_signed, NodeProbe.tls_not_after,
                  NodeProbe.tls_sha256, NodeProbe.felix_host, NodeProbe.error,
-                 NodeProbe.addresses, NodeProbe.declared_host)
+                 NodeProbe.addresses, NodeProbe.declared_host, NodeProbe.node_view)
 
 
 def _nodes(s: Session, cluster_scan_id: int) -> tuple[NodeEntry, ...]:
