@@ -71,3 +71,13 @@ def harness(tmp_path: Path) -> Iterator[Any]:
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture
+def serves() -> Iterator[list[Any]]:
+    """`felixscan serve` processes a test starts (anything with `kill()`): killed at the end,
+    whatever the test's outcome."""
+    started: list[Any] = []
+    yield started
+    for s in started:
+        s.kill()

@@ -10,9 +10,7 @@ after the subcommand, YAML line numbers, exit codes in `scan --help`).
 from __future__ import annotations
 
 import copy
-import itertools
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -26,7 +24,6 @@ from scanner.core.config import ClusterSettings
 from scanner.core.errors import ApiError, RemediationRefused
 from scanner.db.store import Store
 from scanner.emulator import KubeEmulator
-from scanner.emulator.nodes import address_for
 from scanner.kube.write import KubeWriter, ObjectRef
 from tests.helpers import scan_harness
 from tests.helpers.scan_harness import Harness, Run, felixscan, felixscan_process
@@ -40,10 +37,7 @@ EXEC_API = "client.authentication.k8s.io/v1beta1"
 
 @pytest.fixture(autouse=True)
 def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node addresses in a range of this file's own, offset by process."""
-    counter = itertools.count((os.getpid() % 64) * 1016)
-    monkeypatch.setattr(scan_harness, "next_address",
-                        lambda: address_for(next(counter), base="127.36.0.0"))
+    scan_harness.own_addresses(monkeypatch, "127.36.0.0")
 
 
 def remediate_cli(h: Harness, db: str, *args: str) -> Run:

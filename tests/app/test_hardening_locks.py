@@ -11,9 +11,7 @@ aborted (its process is gone) and, on this host, does not wait for the dead proc
 from __future__ import annotations
 
 import io
-import itertools
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -40,7 +38,6 @@ from scanner.core.evaluate import failed_cluster
 from scanner.core.records import ClusterResult
 from scanner.db.locks import DatabaseLock, advisory_key, cluster_lock_name
 from scanner.db.store import Store
-from scanner.emulator.nodes import address_for
 from tests.helpers import scan_harness
 from tests.helpers.paths import ROOT
 from tests.helpers.scan_harness import Harness, Node, Outcome
@@ -60,10 +57,7 @@ time.sleep(120)
 
 @pytest.fixture(autouse=True)
 def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node addresses in a range of this file's own, offset by process."""
-    counter = itertools.count((os.getpid() % 64) * 1016)
-    monkeypatch.setattr(scan_harness, "next_address",
-                        lambda: address_for(next(counter), base="127.36.0.0"))
+    scan_harness.own_addresses(monkeypatch, "127.36.0.0")
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ page streams, the embedded data).
 from __future__ import annotations
 
 import base64
-import itertools
-import os
 import subprocess
 import sys
 import uuid
@@ -26,7 +24,6 @@ from cryptography.hazmat.primitives import serialization
 from pypdf import PdfReader
 
 from scanner.emulator.certs import make_self_signed
-from scanner.emulator.nodes import address_for
 from tests.helpers import scan_harness
 from tests.helpers.scan_harness import Harness
 
@@ -41,11 +38,7 @@ PASSWORD = f"PLANTED-PW-{TAG}"  # in the PostgreSQL URL
 
 @pytest.fixture(autouse=True)
 def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node addresses in a range of this file's own, offset by process: other suites running at
-    the same time on this machine use scan_harness's 127.20.x.x."""
-    counter = itertools.count((os.getpid() % 64) * 1016)
-    monkeypatch.setattr(scan_harness, "next_address",
-                        lambda: address_for(next(counter), base="127.34.0.0"))
+    scan_harness.own_addresses(monkeypatch, "127.34.0.0")
 
 
 def b64(text: str) -> str:

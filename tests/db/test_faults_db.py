@@ -8,7 +8,6 @@ processes writing to one database at once must lose and split nothing.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import subprocess
@@ -23,18 +22,13 @@ import pytest
 from sqlalchemy import Engine, create_engine, event, inspect, text
 
 import scanner.db.store as store_module
-from scanner.emulator.nodes import address_for
 from tests.helpers import scan_harness
 from tests.helpers.scan_harness import Harness, Node
 
 
 @pytest.fixture(autouse=True)
 def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node addresses in a range of this file's own, offset by process: other suites running at
-    the same time on this machine use scan_harness's 127.20.x.x."""
-    counter = itertools.count((os.getpid() % 64) * 1016)
-    monkeypatch.setattr(scan_harness, "next_address",
-                        lambda: address_for(next(counter), base="127.33.0.0"))
+    scan_harness.own_addresses(monkeypatch, "127.33.0.0")
 
 
 # --- what is in the database ---------------------------------------------------------------------

@@ -40,6 +40,15 @@ def next_address() -> str:
     return address_for(next(_addresses), base="127.20.0.0")
 
 
+def own_addresses(monkeypatch: Any, base: str) -> None:
+    """Give a test file node addresses of its own (`base`, e.g. 127.33.0.0), offset by process,
+    so that suites running at the same time on this machine (the rest use 127.20.x.x) never
+    share a listener's address. Call it from an autouse fixture."""
+    counter = itertools.count((os.getpid() % 64) * 1016)
+    monkeypatch.setattr(sys.modules[__name__], "next_address",
+                        lambda: address_for(next(counter), base=base))
+
+
 def daemonset(version: str = "v3.32.1") -> Path:
     return CALICO / f"{version}-calico-daemonset-calico-node.yaml"
 

@@ -8,9 +8,7 @@ emulator's request log (`emu.requests`, `Fault.hits`, failed TLS handshakes).
 from __future__ import annotations
 
 import base64
-import itertools
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -24,7 +22,6 @@ from sqlalchemy import create_engine, func, select
 from scanner.db.models import ClusterScan, FindingRow, NodeProbe
 from scanner.emulator import KubeEmulator
 from scanner.emulator.certs import make_ca
-from scanner.emulator.nodes import address_for
 from scanner.kube import client as kube_client
 from tests.helpers import scan_harness
 from tests.helpers.paths import ROOT, TESTS
@@ -101,11 +98,7 @@ def error_kind(rows: dict[str, dict[str, Any]], cluster: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node addresses in a range of this file's own, offset by process: other suites running at
-    the same time on this machine use scan_harness's 127.20.x.x."""
-    counter = itertools.count((os.getpid() % 64) * 1016)
-    monkeypatch.setattr(scan_harness, "next_address",
-                        lambda: address_for(next(counter), base="127.31.0.0"))
+    scan_harness.own_addresses(monkeypatch, "127.31.0.0")
 
 
 # --- transport: refused, TLS, credentials ---------------------------------------------------

@@ -13,9 +13,7 @@ from __future__ import annotations
 import csv
 import html.parser
 import io
-import itertools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from scanner.app.cli import main
 from scanner.core.evaluate import failed_cluster
 from scanner.db.models import NodeProbe
 from scanner.db.store import Store
-from scanner.emulator.nodes import LONG_CHAIN, REDIRECT_LOCATION, address_for
+from scanner.emulator.nodes import LONG_CHAIN, REDIRECT_LOCATION
 from tests.helpers import scan_harness
 from tests.helpers.scan_harness import Harness, Node, Outcome
 
@@ -78,11 +76,7 @@ def probe_rows(db: str) -> dict[str, Any]:
 
 @pytest.fixture(autouse=True)
 def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node addresses in a range of this file's own, offset by process: other suites running at
-    the same time on this machine use scan_harness's 127.20.x.x."""
-    counter = itertools.count((os.getpid() % 64) * 1016)
-    monkeypatch.setattr(scan_harness, "next_address",
-                        lambda: address_for(next(counter), base="127.32.0.0"))
+    scan_harness.own_addresses(monkeypatch, "127.32.0.0")
 
 
 # --- hostile endpoints ---------------------------------------------------------------------------

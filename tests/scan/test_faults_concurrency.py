@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ from scanner.db.models import (
     ScanRun,
 )
 from scanner.db.store import Store
-from scanner.emulator.nodes import address_for
 from tests.helpers import scan_harness
 from tests.helpers.paths import ROOT
 from tests.helpers.scan_harness import Harness, Node
@@ -63,10 +61,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(autouse=True)
 def _own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node addresses in a range of this file's own, offset by process."""
-    counter = itertools.count((os.getpid() % 64) * 1016)
-    monkeypatch.setattr(scan_harness, "next_address",
-                        lambda: address_for(next(counter), base="127.34.0.0"))
+    scan_harness.own_addresses(monkeypatch, "127.34.0.0")
 
 
 class ServeProcess:
@@ -104,13 +99,6 @@ class ServeProcess:
             self.proc.wait(10)
         self._fh.close()
 
-
-@pytest.fixture
-def serves() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for s in started:
-        s.kill()
 
 
 def rows(db: str) -> dict[str, list[Any]]:

@@ -152,13 +152,6 @@ def seed_agent_scans(url: str, now: datetime) -> None:
 # --- a real `felixscan serve` ---------------------------------------------------------------
 
 
-@pytest.fixture
-def serves() -> Iterator[list[Serve]]:
-    started: list[Serve] = []
-    yield started
-    for s in started:
-        s.kill()
-
 
 def test_a_real_serve_exports_the_database_and_its_own_scans(
         harness: Harness, db_url: str, tmp_path: Path, serves: list[Serve]) -> None:

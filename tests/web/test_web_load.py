@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -147,13 +146,6 @@ class HealthProbe(threading.Thread):
                 self.failures.append(f"{answer.status} {answer.body[:100]!r}")
             self.latencies.append(answer.seconds)
 
-
-@pytest.fixture
-def serves() -> Iterator[list[Serve]]:
-    started: list[Serve] = []
-    yield started
-    for s in started:
-        s.kill()
 
 
 def mb(n: float) -> float:
