@@ -47,16 +47,16 @@ NMAP = ([rf"^\s+{N} s\s+ratio {N}x\s+1 s timeout, no retries, all hosts at once:
 # id -> (the bench, its arguments besides --smoke, the lines it must print)
 CASES: dict[str, tuple[str, list[str], list[str]]] = {
     "scan": ("scan", [], [
-        rf"^20 nodes on 127\.\d+\.\d+\.\d+\.\.127\.\d+\.\d+\.\d+, sqlite, 1 runs of "
+        r"^20 nodes on 127\.\d+\.\d+\.\d+\.\.127\.\d+\.\d+\.\d+, sqlite, 1 runs of "
         r"`felixscan scan --json`",
         rf"^full scan median {N} s \(min {N}, max {N}\); smoke run: no target$",
         *(rf"^  {phase}\s+median {N} s$" for phase in ("api", "probe", "store"))]),
     "probe": ("probe", [], [
-        rf"^nodes: 50 on 127\.", rf"^  probe run 1:\s+{N} s .*, 0 unexpected results$",
+        r"^nodes: 50 on 127\.", rf"^  probe run 1:\s+{N} s .*, 0 unexpected results$",
         rf"^probe phase: median {N} s \(min {N}, max {N}\)$", rf"^prober peak RSS: {N} MB",
         rf"^throughput: {N} targets/s$", *NMAP]),
     "hostile": ("hostile", [], [
-        rf"^nodes: 28 on 127\.", rf"^  run 1: wall {N} s, listeners CPU {N} s, 0 unexpected$",
+        r"^nodes: 28 on 127\.", rf"^  run 1: wall {N} s, listeners CPU {N} s, 0 unexpected$",
         rf"^open ports found: {N} of {N} listening",
         rf"^wall time: {N} s best, {N} s worst of 1 runs \(worst single node {N} s\)$",
         rf"^prober peak RSS: {N} MB", r"^  every verdict right: yes$"]),
