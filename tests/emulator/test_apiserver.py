@@ -1593,6 +1593,7 @@ def test_harness_node_check_serves_a_log_per_node(tmp_path: Path) -> None:
     try:
         harness.cluster("c", ["closed", "closed", "closed"])
         emu = harness.emulators["c"]
+        NS = "felixscan-node-check"  # the namespace deploy/overlays/node-check uses
         harness.node_check(
             "c",
             {
@@ -1603,18 +1604,18 @@ def test_harness_node_check_serves_a_log_per_node(tmp_path: Path) -> None:
         )
         with connect(emu, tmp_path) as api:
             kube = Clients(api)
-            ds = kube.apps.read_namespaced_daemon_set("felixscan-node-check", "felixscan")
+            ds = kube.apps.read_namespaced_daemon_set("felixscan-node-check", NS)
             assert ds.spec.template.spec.host_network is True
             assert (ds.status.desired_number_scheduled, ds.status.number_ready) == (3, 2)
             selector = (
                 "app.kubernetes.io/name=felixscan-node-check,app.kubernetes.io/component=node-check"
             )
-            pods = kube.core.list_namespaced_pod("felixscan", label_selector=selector).items
+            pods = kube.core.list_namespaced_pod(NS, label_selector=selector).items
             by_node = {p.spec.node_name: p for p in pods}
             assert sorted(by_node) == ["c-node-0", "c-node-1"]  # None: no pod on c-node-2
             for pod in pods:
                 assert pod.status.phase == "Running"
-                assert [c.name for c in pod.spec.containers] == ["node-check"]
+                assert [c.name for c in pod.spec.containers] == ["felixscan"]
                 (owner,) = pod.metadata.owner_references
                 assert (owner.kind, owner.name, owner.uid) == (
                     "DaemonSet",
@@ -1623,19 +1624,19 @@ def test_harness_node_check_serves_a_log_per_node(tmp_path: Path) -> None:
                 )
             name = by_node["c-node-0"].metadata.name
             tail = kube.core.read_namespaced_pod_log(
-                name, "felixscan", container="node-check", tail_lines=1, timestamps=True
+                name, NS, container="felixscan", tail_lines=1, timestamps=True
             )
             view = latest_view(tail)
             assert view is not None and view.node == "c-node-0"
             empty = by_node["c-node-1"].metadata.name
             assert (
-                kube.core.read_namespaced_pod_log(empty, "felixscan", container="node-check") == ""
+                kube.core.read_namespaced_pod_log(empty, NS, container="felixscan") == ""
             )
             # again: c-node-1 prints its first line, c-node-0's pod goes away
             harness.node_check("c", {"c-node-0": None, "c-node-1": VIEW_LINE % "c-node-1"})
-            pods = kube.core.list_namespaced_pod("felixscan", label_selector=selector).items
+            pods = kube.core.list_namespaced_pod(NS, label_selector=selector).items
             assert [p.metadata.name for p in pods] == [empty]
-            line = kube.core.read_namespaced_pod_log(empty, "felixscan", container="node-check")
+            line = kube.core.read_namespaced_pod_log(empty, NS, container="felixscan")
             assert latest_view(line) is not None
     finally:
         harness.close()
