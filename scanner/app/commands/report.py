@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
     report.add_argument("--db", metavar="URL", help="database URL (default: $FELIXSCAN_DB, "
                         "else the config file, else sqlite:///felixscan.db)")
     report.add_argument("--config", metavar="FILE", help="YAML configuration file (for its "
-                        "database URL and report.signing)")
+                        "database URL, report.signing, report.preparer and report.owner)")
     report.add_argument("--cluster", action="append", default=[], metavar="NAME",
                         help="only this cluster (repeatable)")
     report.add_argument("--since", type=date_arg, metavar="YYYY-MM-DD",
