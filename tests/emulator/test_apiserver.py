@@ -1244,13 +1244,14 @@ def test_simulated_rollout_with_delay(http_emu: KubeEmulator, http_kube: Clients
         "kube-system",
         {"spec": {"template": {"metadata": {"annotations": {"x": "1"}}}}},
     )
-    # the rollout runs in the background, one pod every roll_delay seconds
+    # the rollout runs in the background, one pod every roll_delay seconds; right after the
+    # patch the count may be absent (kube-apiserver omits a zero updatedNumberScheduled)
     assert (
         http_kube.apps.read_namespaced_daemon_set(
             "calico-node", "kube-system"
         ).status.updated_number_scheduled
-        < 3
-    )
+        or 0
+    ) < 3
     assert handle.wait_rollout(10)
     status = http_kube.apps.read_namespaced_daemon_set("calico-node", "kube-system").status
     assert status.updated_number_scheduled == 3
