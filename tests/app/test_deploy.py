@@ -242,7 +242,8 @@ def test_agent_cronjob() -> None:
     container = pod["containers"][0]
     assert container["args"] == ["scan"]
     env = {e["name"]: e for e in container["env"]}
-    assert set(env) == {"FELIXSCAN_DB", "FELIXSCAN_CLUSTER"}
+    assert set(env) == {"FELIXSCAN_DB", "FELIXSCAN_CLUSTER", "FELIXSCAN_VANTAGE"}
+    assert env["FELIXSCAN_VANTAGE"]["value"] == "pod-network"  # the agent's vantage point
     # Required on purpose: without them the pod does not start, rather than writing to a
     # SQLite file in the pod or under the name "in-cluster" that every cluster would share.
     assert env["FELIXSCAN_DB"]["valueFrom"]["secretKeyRef"] == {"name": "felixscan-db",
