@@ -188,7 +188,8 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
     except StoreError as exc:  # others' bookkeeping: this scan goes on (or fails on its own)
         log.error("runs of processes that are gone could not be marked aborted: %s", exc)
     started_at = clock()
-    run_id = store.begin_run(trigger=trigger, started_at=started_at, vantage=settings.vantage)
+    vantage = settings.vantage or socket.gethostname()  # where this run probes from
+    run_id = store.begin_run(trigger=trigger, started_at=started_at, vantage=vantage)
     shown = progress.current()
     scope = ExitStack()  # the run's log fields and progress, until the run is closed
     results: dict[int, ClusterResult] = {}
@@ -268,7 +269,7 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
                        stored=tuple(stored[i] for i in sorted(stored)),
                        store_errors=tuple(store_errors[i] for i in sorted(store_errors)),
                        lock_lost=tuple(lost[i] for i in sorted(lost)),
-                       vantage=settings.vantage or socket.gethostname())
+                       vantage=vantage)
 
 
 def load_waivers(settings: Settings, *, today: date) -> WaiverSet:

@@ -117,7 +117,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("report needs --out FILE (or a machine --format for stdout, or "
                      "`report verify FILE.pdf`)")
     fmt = _report_format(args)
-    signing = _signing(args, fmt)
+    configured = _report_settings(args)  # read once: signing, preparer and owner
+    signing = _signing(args, fmt, configured.signing)
     if to_stdout:
         return _report_to_stdout(args, fmt)
     check_out(args.out)
@@ -133,11 +134,10 @@ def _run(args: argparse.Namespace) -> int:
     with Store(database_url(args)) as store, progress.current().step(
             f"report: rendering {args.out} ({fmt}{', signed' if signing else ''})"):
         check_readable(store)
-        people = _people(args)
         info = reports.build_report(store, clusters=args.cluster, since=args.since,
                                     until=args.until, fmt=fmt, out=args.out,
                                     pdf_variant=args.pdf_variant, signing=signing,
-                                    preparer=people.preparer, owner=people.owner)
+                                    preparer=configured.preparer, owner=configured.owner)
         from scanner.db.queries.retention import record_report
 
         record_report(store, fmt=info.format, sha256=info.sha256, location=str(info.path),
@@ -162,15 +162,16 @@ def _sign_flags(args: argparse.Namespace) -> dict[str, Any]:
             "--sign-reason": args.sign_reason, "--sign-location": args.sign_location}
 
 
-def _people(args: argparse.Namespace) -> ReportSettings:
-    """Who prepared the report and who owns the control: `report.preparer` and `report.owner`
-    of the config file, when one is given (--config or $FELIXSCAN_CONFIG)."""
+def _report_settings(args: argparse.Namespace) -> ReportSettings:
+    """`report:` of the config file, when one is given (--config or $FELIXSCAN_CONFIG): its
+    signing, and who prepared the report and who owns the control."""
     if args.config or os.environ.get("FELIXSCAN_CONFIG"):
         return load_settings(args.config).report
     return ReportSettings()
 
 
-def _signing(args: argparse.Namespace, fmt: str) -> SigningSettings | None:
+def _signing(args: argparse.Namespace, fmt: str,
+             configured: SigningSettings | None) -> SigningSettings | None:
     """How to sign: the --sign-* flags, else `report.signing` of the config file; flags win.
 
     The key, its certificate and its passphrase go together: from the flags when --sign-key
@@ -192,9 +193,6 @@ def _signing(args: argparse.Namespace, fmt: str) -> SigningSettings | None:
                          "(letters, digits, _), not the passphrase")
     if given and fmt != "pdf":
         raise UsageError(f"{', '.join(given)}: only PDF reports are signed (this is {fmt})")
-    configured = None
-    if args.config or os.environ.get("FELIXSCAN_CONFIG"):
-        configured = load_settings(args.config).report.signing
     if args.sign_key is not None:
         base = SigningSettings(
             key=Path(args.sign_key),

@@ -436,18 +436,21 @@ def _worst(statuses: Sequence[str]) -> str:
     return min(statuses, key=lambda st: _STATUS_ORDER.get(st, 1))
 
 
-def vantage_results(s: Session, name: str, since: date, until: date, *, latest_id: int,
+def vantage_results(s: Session, name: str, since: date, until: date | None, *, latest_id: int,
                     latest_failing: tuple[str, ...] | None = None) -> tuple[VantageResult, ...]:
     """The latest scan of `name` in the period from each vantage (scan_runs.vantage, else the
     host), the one of cluster scan `latest_id` first; each with the nodes it failed
-    (`latest_failing`: those of `latest_id`, when the caller has read them already)."""
+    (`latest_failing`: those of `latest_id`, when the caller has read them already). `until`
+    None: up to the newest scan."""
     c = ClusterScan
     vantage = func.coalesce(ScanRun.vantage, ScanRun.scanner_host)
-    first = datetime.combine(since, datetime.min.time(), tzinfo=UTC)
-    after = datetime.combine(until + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+    period = [c.cluster == name,
+              c.started_at >= datetime.combine(since, datetime.min.time(), tzinfo=UTC)]
+    if until is not None:
+        period.append(c.started_at < datetime.combine(until + timedelta(days=1),
+                                                      datetime.min.time(), tzinfo=UTC))
     newest = (select(vantage.label("vantage"), func.max(c.started_at).label("at"))
-              .join(ScanRun, ScanRun.id == c.run_id)
-              .where(c.cluster == name, c.started_at >= first, c.started_at < after)
+              .join(ScanRun, ScanRun.id == c.run_id).where(*period)
               .group_by(vantage).subquery("newest"))
     rows = s.execute(
         select(newest.c.vantage, *_SCAN_COLUMNS, c.nodes_unknown)

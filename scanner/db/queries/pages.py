@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import and_, case, func, select, text
@@ -261,7 +261,7 @@ def cluster_page(store: Store, name: str, *, since: date, scans: int = 30, issue
                                 trigger=a.trigger, mode=a.mode, outcome=a.outcome,
                                 message=a.message, objects=len(a.objects or []))
                 for a in action_rows),
-            vantages=vantage_results(s, name, since, date.max - timedelta(days=1),
+            vantages=vantage_results(s, name, since, None,
                                      latest_id=latest.cluster_scan_id))
     return _read(store, work)
 
