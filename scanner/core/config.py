@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from scanner.core.errors import ConfigError
+from scanner.core.records import CONTROL_IDS
 
 DEFAULT_DATABASE = "sqlite:///felixscan.db"
 ADDRESS_TYPES = ("InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS")
@@ -34,6 +35,12 @@ class CalicoSettings:
     namespace: str | None = None
     daemonset: str = "calico-node"
     container: str = "calico-node"
+    # The Deployments of the typha-metrics and kube-controllers-metrics controls, in the
+    # namespace calico-node is found in (manifest and operator installs name them alike).
+    typha: str = "calico-typha"
+    typha_container: str = "calico-typha"
+    kube_controllers: str = "calico-kube-controllers"
+    kube_controllers_container: str = "calico-kube-controllers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,9 @@ class ClusterSettings:
     schedule: str | None = None  # overrides the global schedule for `serve`
     timezone: str | None = None  # zone of this cluster's schedule; None: serve.timezone
     node_check: NodeCheckSettings | None = None  # read node-check's view of each node
+    # The controls checked (records.CONTROL_IDS order): every Calico metrics endpoint unless
+    # the config narrows it (`controls:` per cluster, or at the top for every cluster).
+    controls: tuple[str, ...] = CONTROL_IDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +336,8 @@ class _Reader:
 
     def settings(self, doc: object) -> Settings:
         top = self.mapping(doc, "", ("database", "schedule", "clusters", "serve", "alerts",
-                                     "waivers_file", "waiver_max_days", "report", "vantage"))
+                                     "waivers_file", "waiver_max_days", "report", "vantage",
+                                     "controls"))
         database = DEFAULT_DATABASE
         if "database" in top:
             database = self.string(top["database"], "database")
@@ -343,8 +354,10 @@ class _Reader:
             raise self.fail("clusters", f"expected a non-empty list, got {_kind(raw)}")
         clusters: list[ClusterSettings] = []
         seen: dict[str, int] = {}
+        default_controls = (self.controls(top["controls"], "controls") if "controls" in top
+                            else CONTROL_IDS)
         for i, item in enumerate(raw):
-            cluster = self.cluster(item, f"clusters[{i}]")
+            cluster = self.cluster(item, f"clusters[{i}]", default_controls=default_controls)
             if cluster.name in seen:
                 raise self.fail(
                     f"clusters[{i}].name",
@@ -494,10 +507,24 @@ class _Reader:
                             ) from exc
         return text
 
-    def cluster(self, value: object, key: str) -> ClusterSettings:
+    def controls(self, value: object, key: str) -> tuple[str, ...]:
+        """A non-empty list of control IDs, kept in catalogue order."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, f"expected a non-empty list of controls "
+                            f"({', '.join(CONTROL_IDS)}), got {_kind(value)}")
+        for i, item in enumerate(value):
+            if item not in CONTROL_IDS:
+                raise self.fail(f"{key}[{i}]", f"unknown control {item!r}: expected one of "
+                                f"{', '.join(CONTROL_IDS)}")
+        return tuple(c for c in CONTROL_IDS if c in value)
+
+    def cluster(self, value: object, key: str, *,
+                default_controls: tuple[str, ...] = CONTROL_IDS) -> ClusterSettings:
         allowed = ("name", "kubeconfig", "context", "in_cluster", "calico", "probe", "remediation",
                    "api_timeout_seconds", "deadline_seconds", "schedule", "timezone",
-                   "node_check")
+                   "node_check", "controls")
         item = self.mapping(value, key, allowed)
         if "name" not in item:
             raise self.fail(f"{key}.name", "missing: expected the cluster's name")
@@ -544,6 +571,8 @@ class _Reader:
             if "timezone" in item else None,
             node_check=self.node_check(item["node_check"], f"{key}.node_check")
             if "node_check" in item else None,
+            controls=self.controls(item["controls"], f"{key}.controls")
+            if "controls" in item else default_controls,
         )
 
     def vantage(self, value: object, key: str) -> str:
@@ -572,13 +601,14 @@ class _Reader:
                                     f"{key}.tail_lines", low=1, high=1000))
 
     def calico(self, value: object, key: str) -> CalicoSettings:
-        item = self.mapping(value, key, ("namespace", "daemonset", "container"))
+        names = ("daemonset", "container", "typha", "typha_container", "kube_controllers",
+                 "kube_controllers_container")
+        item = self.mapping(value, key, ("namespace", *names))
+        d = CalicoSettings()
+        named = {n: self.string(item.get(n, getattr(d, n)), f"{key}.{n}") for n in names}
         return CalicoSettings(
             namespace=self.string(item["namespace"], f"{key}.namespace")
-            if "namespace" in item else None,
-            daemonset=self.string(item.get("daemonset", "calico-node"), f"{key}.daemonset"),
-            container=self.string(item.get("container", "calico-node"), f"{key}.container"),
-        )
+            if "namespace" in item else None, **named)
 
     def probe(self, value: object, key: str) -> ProbeConfig:
         item = self.mapping(value, key, ("address_type", "timeout_seconds", "tls_timeout_seconds",

@@ -20,6 +20,13 @@ Protocol = Literal["https", "http", "tcp"]
 Verdict = Literal["pass", "fail", "unknown", "waived"]  # waived: failing, risk accepted
 ClusterStatus = Literal["compliant", "non_compliant", "error"]
 Severity = Literal["critical", "high", "medium", "low", "info"]
+# The controls felixscan checks, one per Calico metrics endpoint (docs/controls.md):
+# Felix's (9091, every node), Typha's (9093, the nodes Typha runs on, host network) and
+# calico-kube-controllers' (9094, its pod IP). A cluster selects any of them (default: all).
+FELIX = "felix-metrics"
+TYPHA = "typha-metrics"
+KUBE_CONTROLLERS = "kube-controllers-metrics"
+CONTROL_IDS: tuple[str, ...] = (FELIX, TYPHA, KUBE_CONTROLLERS)
 
 
 # --- collect -------------------------------------------------------------------------------
@@ -93,6 +100,7 @@ class Installation:
 
     name: str
     node_metrics_port: int | None
+    typha_metrics_port: int | None = None  # spec.typhaMetricsPort: the operator enables Typha's
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +224,68 @@ class ClusterSnapshot:
     # What node-check said on each node (scanner.core.nodeview), when the cluster has
     # `node_check` configured; None: not configured, nothing was read.
     node_views: NodeViews | None = None
+    # The controls this cluster checks (ClusterSettings.controls), and the Deployments behind
+    # Typha's and kube-controllers' (by control ID) when those controls are checked.
+    controls: tuple[str, ...] = (FELIX,)
+    components: Mapping[str, ComponentSnapshot] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentPod:
+    """A pod of a Calico Deployment (Typha, kube-controllers), with what its own spec gives the
+    component: mid-rollout an old pod still runs the old env."""
+
+    name: str
+    node: str | None
+    pod_ip: str | None
+    host_network: bool
+    phase: str
+    ready: bool
+    env: tuple[EnvVar, ...] | None = None  # the container's env; None: as the template
+    config_file: ConfigFile | None = None  # Typha's /etc/calico/typha.cfg, from the pod's spec
+    image: str | None = None
+    terminating: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KubeControllersConfig:
+    """The KubeControllersConfiguration `default`, reduced to what decides the metrics port.
+
+    `port` is spec.prometheusMetricsPort exactly as served (None: the field is absent, which
+    kube-controllers reads as 0, off); `running` and `environment` are status.runningConfig and
+    status.environmentVars as kube-controllers last wrote them (evidence; the running config
+    has no metrics port upstream)."""
+
+    exists: bool
+    port: object = None
+    running: Mapping[str, object] = field(default_factory=dict)
+    environment: Mapping[str, str] = field(default_factory=dict)
+    resource_version: str | None = None
+    error: str | None = None  # set: it could not be read, so the declared port is unknown
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentSnapshot:
+    """One Calico Deployment whose metrics endpoint is a control of its own (Typha,
+    calico-kube-controllers), as read from the API.
+
+    `found` False with no `error`: the Deployment is not in the namespace (Typha is optional in
+    manifest installs). `error` set: it could not be read, so nothing about it is known.
+    """
+
+    control: str  # TYPHA or KUBE_CONTROLLERS
+    namespace: str
+    deployment: str
+    container: str
+    found: bool
+    image: str | None = None
+    env: tuple[EnvVar, ...] = ()  # the Deployment template's container env, resolved
+    config_file: ConfigFile | None = None  # Typha only
+    pods: tuple[ComponentPod, ...] = ()
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    kcc: KubeControllersConfig | None = None  # kube-controllers only
+    error: str | None = None
 
 
 # --- declared state ------------------------------------------------------------------------
@@ -320,6 +390,7 @@ class Finding:
     evidence: Mapping[str, object] = field(default_factory=dict)
     remediation: str = ""
     waiver: str | None = None  # the id of the waiver in force that accepts this finding
+    control: str = FELIX  # the control whose check raised it (CONTROL_IDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +408,28 @@ class NodeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlResult:
+    """One control's result in one cluster scan.
+
+    For FELIX, `declared`, `targets` and `findings` are the ClusterResult's own Felix fields.
+    For Typha and kube-controllers a target is one (node, address, port) where a pod of the
+    component runs: Typha's node addresses (host network), kube-controllers' pod IP; the
+    target's `node` is the node the pod runs on and `declared.pod` names the pod.
+    """
+
+    control: str
+    status: ClusterStatus
+    declared: Declared | None  # the component-wide declared state; None: not known
+    targets: tuple[NodeResult, ...]
+    findings: tuple[Finding, ...]  # also in ClusterResult.findings
+    error: str | None = None
+    installed: bool = True  # False: the component is not deployed (nothing to expose)
+    namespace: str | None = None
+    workload: str | None = None  # DaemonSet or Deployment name
+    image: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterResult:
     cluster: str
     status: ClusterStatus
@@ -351,3 +444,9 @@ class ClusterResult:
     timings: Mapping[str, float] = field(default_factory=dict)  # api / probe / store seconds
     method: Mapping[str, object] = field(default_factory=dict)  # how it was probed, for reports
     waivers: tuple[Waiver, ...] = ()  # the waivers in force that applied to this result
+    # One per control checked, in CONTROL_IDS order; `status` is the worst of theirs (a cluster
+    # is compliant only if every checked control is). Empty: Felix's alone (older callers).
+    controls: tuple[ControlResult, ...] = ()
+
+    def control(self, control_id: str) -> ControlResult | None:
+        return next((c for c in self.controls if c.control == control_id), None)
