@@ -49,6 +49,13 @@ _FD_RESERVE = 64  # descriptors left for the rest of the process (database, logs
 _STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? +(\d{3})(?:[ \t].*)?")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _FELIX_LINE = re.compile(rb"^(?:#[ \t]+(?:HELP|TYPE)[ \t]+)?felix_[A-Za-z0-9_:]", re.M)
+
+
+@functools.lru_cache(maxsize=8)
+def _metric_line(prefix: str) -> re.Pattern[bytes]:
+    """A metrics line (or its HELP/TYPE comment) of a metric named `prefix...`."""
+    return re.compile(rb"^(?:#[ \t]+(?:HELP|TYPE)[ \t]+)?" + re.escape(prefix.encode())
+                      + rb"[A-Za-z0-9_:]", re.M)
 _FELIX_HOST = re.compile(rb"^felix_host\{([^}\n]*)\}", re.M)
 _HOST_LABEL = re.compile(rb'(?:^|,)[ \t]*host[ \t]*=[ \t]*"((?:[^"\\\n]|\\.)*)"')
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -75,6 +82,9 @@ class ProbeSettings:
     concurrency: int = 256
     max_body_bytes: int = 1_048_576
     user_agent: str = f"felixscan/{__version__}"
+    # The metric-name prefix that identifies the component behind an open port (a result's
+    # `felix` field: `felix_` for Felix, `typha_` for Typha, ...).
+    metric_prefix: str = "felix_"
 
     def __post_init__(self) -> None:
         for name in ("timeout_seconds", "tls_timeout_seconds", "http_timeout_seconds"):
@@ -220,6 +230,7 @@ class _Response:
     __slots__ = (
         "_buf",
         "_chunked",
+        "_identify",
         "_max_body",
         "_phase",
         "_remaining",
@@ -238,7 +249,8 @@ class _Response:
     # phases
     HEAD, LENGTH, UNTIL_CLOSE, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER, DONE = range(8)
 
-    def __init__(self, max_body: int) -> None:
+    def __init__(self, max_body: int, identify: re.Pattern[bytes] = _FELIX_LINE) -> None:
+        self._identify = identify
         self._max_body = max_body
         self._buf = bytearray()
         self._phase = self.HEAD
@@ -432,7 +444,7 @@ class _Response:
             self._scan_lines(tail)
 
     def _scan_lines(self, lines: bytes) -> None:
-        if not self.felix and _FELIX_LINE.search(lines):
+        if not self.felix and self._identify.search(lines):
             self.felix = True
         if self.felix_host is None:
             match = _FELIX_HOST.search(lines)
@@ -1009,7 +1021,7 @@ class _Prober:
             sock,
             self.buffer,
             request,
-            response=_Response(settings.max_body_bytes),
+            response=_Response(settings.max_body_bytes, _metric_line(settings.metric_prefix)),
             tls=tls_parts,
         )
         try:

@@ -23,10 +23,22 @@ import yaml
 
 from scanner import __version__
 from scanner.core.calico import cluster_declared, resolve_nodes
+from scanner.core.component_eval import (
+    METRIC_PREFIX,
+    component_declared,
+    evaluate_component,
+    targets_for,
+)
 from scanner.core.config import ClusterSettings, Settings
 from scanner.core.errors import ClusterError, ConfigError, LockLost, StoreError
-from scanner.core.evaluate import evaluate, failed_cluster, probe_targets
-from scanner.core.records import ClusterResult, ClusterSnapshot
+from scanner.core.evaluate import evaluate, failed_cluster, probe_targets, with_controls
+from scanner.core.records import (
+    FELIX,
+    ClusterResult,
+    ClusterSnapshot,
+    Declared,
+    ProbeTarget,
+)
 from scanner.core.waivers import NO_WAIVERS, WaiverSet, apply_waivers, parse_waivers
 from scanner.db.locks import DatabaseLock, HeldLock, cluster_lock_name, run_lock_name
 from scanner.db.runs import reconcile_runs
@@ -124,20 +136,35 @@ def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Cloc
                 requests=collection.requests, seconds=round(time.monotonic() - t0, 3)))
             return failed_cluster(cluster.name, str(exc), kind=type(exc).__name__,
                                   started_at=started_at, finished_at=clock(),
-                                  timings={"api": time.monotonic() - t0})
+                                  timings={"api": time.monotonic() - t0},
+                                  controls=cluster.controls)
         t1 = time.monotonic()
         requests = collection.requests
         log.info("collect %s: %s requests, %d nodes, %d pods in %.2f s", cluster.name,
                  "?" if requests is None else requests, len(snapshot.nodes), len(snapshot.pods),
                  t1 - t0, extra=logs.fields(requests=requests, nodes=len(snapshot.nodes),
                                             pods=len(snapshot.pods), seconds=round(t1 - t0, 3)))
+    felix = FELIX in cluster.controls
     declared = resolve_nodes(snapshot)
     targets = probe_targets(snapshot, declared, address_type=cluster.probe.address_types,
-                            extra_ports=cluster.probe.extra_ports)
+                            extra_ports=cluster.probe.extra_ports) if felix else []
+    # Typha's and kube-controllers' pods, probed where each would listen (a few targets).
+    parts: dict[str, tuple[dict[str, Declared], list[ProbeTarget]]] = {}
+    for control in cluster.controls:
+        component = snapshot.components.get(control)
+        if control == FELIX or component is None or not component.found or component.error:
+            continue
+        pod_declared = component_declared(snapshot, component)
+        parts[control] = (pod_declared, targets_for(snapshot, component, pod_declared,
+                                                    address_types=cluster.probe.address_types))
     with logs.context(phase="probe"):
         track.phase("probe")
         track.targets(targets)
-        probes = probe_nodes(targets, probe_settings(cluster), on_result=track.probed)
+        probes = probe_nodes(targets, probe_settings(cluster), on_result=track.probed) \
+            if targets else []
+        part_probes = {control: probe_nodes(
+            part_targets, replace(probe_settings(cluster), metric_prefix=METRIC_PREFIX[control]))
+            if part_targets else [] for control, (_d, part_targets) in parts.items()}
         t2 = time.monotonic()
         states = Counter(p.state for p in probes)
         log.info("probe %s: %d targets (%d open, %d closed, %d filtered, %d unreachable, "
@@ -153,6 +180,12 @@ def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Cloc
                           cluster_declared=cluster_declared(snapshot, declared),
                           started_at=started_at, finished_at=clock(),
                           timings={"api": t1 - t0, "probe": t2 - t1})
+        result = with_controls(result, snapshot, cluster.controls, {
+            control: evaluate_component(snapshot, control, parts.get(control, ({}, []))[0],
+                                        part_probes.get(control, []),
+                                        address_types=cluster.probe.address_types,
+                                        started_at=started_at)
+            for control in cluster.controls if control != FELIX})
     p = cluster.probe
     return replace(result, method={
         "address_type": p.address_type, "address_types": list(p.address_types),
@@ -325,7 +358,7 @@ def _locked_scan(cluster: ClusterSettings, *, collector: Collector, clock: Clock
                 cluster.name, f"another felixscan is scanning this cluster"
                 f"{f' ({holder})' if holder else ''} and still was after {wait:g}s; "
                 "not scanned twice at once", kind="Locked", started_at=started_at,
-                finished_at=clock()), None
+                finished_at=clock(), controls=cluster.controls), None
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 

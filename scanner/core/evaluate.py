@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from scanner.core.calico import SELECTOR_SINCE, felix_version, selector_problems
 from scanner.core.findings import RULES, SEVERITY_ORDER, remediation_for
 from scanner.core.records import (
+    CONTROL_IDS,
+    FELIX,
     ClusterResult,
     ClusterSnapshot,
     ClusterStatus,
+    ControlResult,
     Declared,
     Finding,
     Install,
@@ -416,13 +420,53 @@ def _status(results: Sequence[NodeResult], snapshot: ClusterSnapshot
 
 def failed_cluster(cluster: str, error: str, *, started_at: datetime, finished_at: datetime,
                    kind: str = "ClusterError",
-                   timings: Mapping[str, float] | None = None) -> ClusterResult:
-    """The result of a cluster whose collection failed: status error, with its reason."""
+                   timings: Mapping[str, float] | None = None,
+                   controls: Sequence[str] = (FELIX,)) -> ClusterResult:
+    """The result of a cluster whose collection failed: status error, with its reason, for
+    every control it checks (each gets the finding, so each control's view shows why)."""
     finding = _finding("CLUSTER-SCAN-FAILED", f"Cluster could not be scanned: {error}",
                        evidence={"error": error, "kind": kind})
+    results = tuple(ControlResult(control=c, status="error", declared=None, targets=(),
+                                  findings=(replace(finding, control=c),), error=error)
+                    for c in controls)
     return ClusterResult(cluster=cluster, status="error", install="unknown", declared=None,
-                         nodes=(), findings=(finding,), error=error, started_at=started_at,
-                         finished_at=finished_at, snapshot=None, timings=dict(timings or {}))
+                         nodes=(), findings=tuple(f for r in results for f in r.findings),
+                         error=error, started_at=started_at, finished_at=finished_at,
+                         snapshot=None, timings=dict(timings or {}), controls=results)
+
+
+def felix_control(result: ClusterResult) -> ControlResult:
+    """Felix's own fields of a ClusterResult as its felix-metrics control result."""
+    snapshot = result.snapshot
+    return ControlResult(
+        control=FELIX, status=result.status, declared=result.declared, targets=result.nodes,
+        findings=tuple(f for f in result.findings if f.control == FELIX), error=result.error,
+        namespace=snapshot.namespace if snapshot else None,
+        workload=snapshot.daemonset if snapshot else None,
+        image=snapshot.image if snapshot else None)
+
+
+def with_controls(result: ClusterResult, snapshot: ClusterSnapshot, controls: Sequence[str],
+                  others: Mapping[str, ControlResult]) -> ClusterResult:
+    """The cluster's result over every control it checks: Felix's (`result`, when checked)
+    and the others'; its status is the worst of theirs, its findings all of theirs."""
+    results: list[ControlResult] = []
+    for control in CONTROL_IDS:
+        if control not in controls:
+            continue
+        results.append(felix_control(result) if control == FELIX else others[control])
+    findings = [f for r in results for f in r.findings]
+    findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.id, f.node or "", f.control))
+    statuses = [r.status for r in results]
+    status: ClusterStatus = ("non_compliant" if "non_compliant" in statuses
+                             else "error" if "error" in statuses else "compliant")
+    errors = [f"{r.control}: {r.error}" for r in results if r.error]
+    felix = FELIX in controls
+    return replace(result, status=status, controls=tuple(results), findings=tuple(findings),
+                   nodes=result.nodes if felix else (),
+                   declared=result.declared if felix else None,
+                   error=result.error if felix and len(errors) <= 1 and result.error
+                   else "; ".join(errors) or None)
 
 
 def _probe_evidence(probe: ProbeResult) -> dict[str, Any]:

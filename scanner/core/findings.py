@@ -136,6 +136,58 @@ RULES: dict[str, Rule] = {
              "node-check's view of some nodes is older than node_check.max_age_seconds",
              "Check that the node-check pods on those nodes are running and logging (one line "
              "per --interval); raise max_age_seconds only if the interval is longer."),
+        Rule("TYPHA-METRICS-ENABLED", "high",
+             "The Typha Prometheus metrics endpoint is enabled in configuration",
+             "Disable it at the source that wins (see evidence): `kubectl -n <ns> set env "
+             "deploy/calico-typha -c calico-typha TYPHA_PROMETHEUSMETRICSENABLED=false` (or "
+             "`felixscan remediate`), wait for the rollout, then scan again."),
+        Rule("TYPHA-PORT-REACHABLE", "critical",
+             "Typha's metrics port is open on a node it runs on",
+             "Disable the endpoint in configuration (TYPHA-METRICS-ENABLED) and, until then, "
+             "deny port 9093 with a HostEndpoint and a GlobalNetworkPolicy (Calico docs: "
+             "secure-metrics)."),
+        Rule("TYPHA-CONFIG-UNRESOLVED", "high",
+             "Typha's declared metrics setting could not be determined",
+             "Make the winning source readable to the scanner (the ConfigMap or Secret named in "
+             "the evidence, or the config file's volume), then scan again."),
+        Rule("TYPHA-CONFIG-INVALID-VALUE", "low",
+             "A Typha metrics setting holds a value Typha does not accept",
+             "Typha logs the value as invalid and uses false, but a typo hides intent: set an "
+             "explicit `false`."),
+        Rule("TYPHA-OPERATOR-METRICS-PORT-SET", "high",
+             "The operator Installation requests Typha metrics (spec.typhaMetricsPort)",
+             "Remove `spec.typhaMetricsPort` from the Installation `default` (`kubectl patch "
+             "installation default --type=json "
+             "-p '[{\"op\":\"remove\",\"path\":\"/spec/typhaMetricsPort\"}]'`); the operator "
+             "then renders Typha without metrics. An env edit on the Deployment would be "
+             "reverted. Then scan again."),
+        Rule("KUBE-CONTROLLERS-METRICS-ENABLED", "high",
+             "The calico-kube-controllers Prometheus metrics endpoint is enabled",
+             "Set `spec.prometheusMetricsPort: 0` on KubeControllersConfiguration `default` "
+             "(`kubectl patch kubecontrollersconfiguration default --type=merge -p "
+             "'{\"spec\":{\"prometheusMetricsPort\":0}}'`, or `felixscan remediate`); "
+             "kube-controllers restarts itself on the change. Do not delete the field: a Calico "
+             "client fills an absent port with 9094. Then scan again."),
+        Rule("KUBE-CONTROLLERS-PORT-REACHABLE", "critical",
+             "calico-kube-controllers serves unauthenticated metrics on its pod IP",
+             "Disable the endpoint (KUBE-CONTROLLERS-METRICS-ENABLED) and, until then, deny "
+             "port 9094 to the kube-controllers pod with a NetworkPolicy."),
+        Rule("KUBE-CONTROLLERS-CONFIG-UNRESOLVED", "high",
+             "calico-kube-controllers' declared metrics port could not be determined",
+             "Let the scanner get KubeControllersConfiguration `default` (see the evidence for "
+             "why it could not), then scan again."),
+        Rule("KUBE-CONTROLLERS-METRICS-PORT-ABSENT", "low",
+             "KubeControllersConfiguration default has no prometheusMetricsPort",
+             "kube-controllers reads an absent port as 0 (off), but every update through a "
+             "Calico client fills in 9094: set an explicit `prometheusMetricsPort: 0`."),
+        Rule("CONTROL-NOT-CHECKED", "high",
+             "A control could not be checked: its Calico component could not be read",
+             "Grant the scanner read access named in the evidence (deploy/rbac), or fix the "
+             "API error, then scan again; until then the control's compliance is unknown."),
+        Rule("COMPONENT-NOT-INSTALLED", "info",
+             "The Calico component of this control is not deployed in the cluster",
+             "Nothing serves these metrics, so nothing to remediate. If the component runs "
+             "under another name or namespace, set it under `calico:` in the configuration."),
         Rule("WAIVER-EXPIRED", "medium",
              "A waiver (accepted risk) has expired and no longer applies",
              "Fix what it waived, or have the risk approved again with a new expiry in the "
@@ -211,3 +263,37 @@ def remediation_for(rule_id: str, *, install: Install, source: str | None = None
         if ref.startswith(("configmap ", "secret ", "envFrom ")):
             return _ENV_REF_FIX.format(ref=ref, **names)
     return _MANIFEST_FIX.format(**names)
+
+
+_TYPHA_ENV_FIX = (
+    "Set the env var on the Typha container: `kubectl -n {namespace} set env deploy/{deployment} "
+    "-c {container} TYPHA_PROMETHEUSMETRICSENABLED=false` (or `felixscan remediate`), wait for "
+    "`kubectl -n {namespace} rollout status deploy/{deployment}`, then scan again."
+)
+_TYPHA_FILE_FIX = (
+    "The value comes from Typha's config file ({ref}): set `PrometheusMetricsEnabled = false` "
+    "there, spelled exactly so (another spelling overrides the environment), restart Typha "
+    "(`kubectl -n {namespace} rollout restart deploy/{deployment}`), and scan again."
+)
+
+
+def component_remediation(rule_id: str, *, control: str, install: Install,
+                          source: str | None = None, namespace: str = "kube-system",
+                          deployment: str = "", container: str = "",
+                          operator_port: bool = False) -> str:
+    """The remediation text of a Typha or kube-controllers finding, for the winning source."""
+    rule = RULES[rule_id]
+    if rule_id != "TYPHA-METRICS-ENABLED":
+        return rule.remediation.replace("<ns>", namespace)
+    names = {"namespace": namespace, "deployment": deployment or "calico-typha",
+             "container": container or "calico-typha"}
+    source = source or ""
+    if operator_port:
+        return RULES["TYPHA-OPERATOR-METRICS-PORT-SET"].remediation
+    if source.startswith("config file "):
+        return _TYPHA_FILE_FIX.format(ref=source[len("config file "):], **names)
+    if install == "operator":
+        return ("The env entry is on an operator-managed Deployment, but the Installation sets "
+                "no typhaMetricsPort: find the operator setting that renders it (an env edit "
+                "would be reverted), then scan again.")
+    return _TYPHA_ENV_FIX.format(**names)

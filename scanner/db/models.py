@@ -33,11 +33,15 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+from scanner.core.records import FELIX
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -137,6 +141,8 @@ class ClusterScan(Base):
                                                    cascade="all, delete-orphan")
     findings: Mapped[list[FindingRow]] = relationship(back_populates="cluster_scan",
                                                       cascade="all, delete-orphan")
+    controls: Mapped[list[ControlScan]] = relationship(back_populates="cluster_scan",
+                                                       cascade="all, delete-orphan")
 
     __table_args__ = (
         Index("ix_cluster_scans_cluster_started_at", "cluster", "started_at"),
@@ -145,8 +151,56 @@ class ClusterScan(Base):
     )
 
 
+class ControlScan(Base):
+    """One control's result in one cluster scan (`felix-metrics`, `typha-metrics`,
+    `kube-controllers-metrics`): its status, declared state and target counts.
+
+    Every cluster scan has one per control it checked; those stored before the control
+    catalogue (revision 0008) have their felix-metrics row, copied from the cluster scan.
+    """
+
+    __tablename__ = "control_scans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_scan_id: Mapped[int] = mapped_column(
+        ForeignKey("cluster_scans.id", ondelete="CASCADE"))
+    control: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # compliant, non_compliant, error
+    installed: Mapped[bool] = mapped_column(Boolean, default=True)  # False: not deployed
+    declared_enabled: Mapped[bool | None] = mapped_column(Boolean)
+    declared_source: Mapped[str | None] = mapped_column(Text)
+    declared_port: Mapped[int | None] = mapped_column(Integer)
+    declared_host: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(Text)
+    targets_total: Mapped[int] = mapped_column(Integer, default=0)
+    targets_pass: Mapped[int] = mapped_column(Integer, default=0)
+    targets_fail: Mapped[int] = mapped_column(Integer, default=0)
+    targets_unknown: Mapped[int] = mapped_column(Integer, default=0)
+    targets_waived: Mapped[int] = mapped_column(Integer, default=0)
+    namespace: Mapped[str | None] = mapped_column(String(255))
+    workload: Mapped[str | None] = mapped_column(String(255))  # DaemonSet or Deployment
+    image: Mapped[str | None] = mapped_column(Text)
+
+    cluster_scan: Mapped[ClusterScan] = relationship(back_populates="controls")
+
+    __table_args__ = (
+        UniqueConstraint("cluster_scan_id", "control"),
+        Index("ix_control_scans_cluster_scan_id", "cluster_scan_id"),
+    )
+
+
+# The partial index of the node probes of controls other than Felix's (written as a literal,
+# so that SQLite's planner can match a query's own `control <> 'felix-metrics'` to it).
+OTHER_CONTROLS = text(f"control <> '{FELIX}'")
+
+
 class NodeProbe(Base):
-    """One node (and port) probed in one cluster scan, with its declared state and verdict."""
+    """One node (and port) probed in one cluster scan, with its declared state and verdict.
+
+    `control` says whose endpoint: Felix's rows are one per node; for Typha and
+    kube-controllers a row is one target, `node` the node its pod runs on and `pod` the pod.
+    Rows stored before revision 0008 are Felix's.
+    """
 
     __tablename__ = "node_probes"
 
@@ -180,6 +234,8 @@ class NodeProbe(Base):
     addresses: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     node_view: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # node-check's, if read
     declared_host: Mapped[str | None] = mapped_column(String(255))
+    control: Mapped[str] = mapped_column(String(32), default=FELIX, server_default=FELIX)
+    pod: Mapped[str | None] = mapped_column(String(253))  # the pod whose spec decided it
 
     cluster_scan: Mapped[ClusterScan] = relationship(back_populates="probes")
 
@@ -187,6 +243,8 @@ class NodeProbe(Base):
         # Probes are appended in cluster_scan_id order, so this index grows at its end; an index
         # on the node name alone was a random insert per probe and slowed big databases down.
         Index("ix_node_probes_cluster_scan_id_node", "cluster_scan_id", "node"),
+        Index("ix_node_probes_other_controls", "cluster_scan_id", "control",
+              sqlite_where=OTHER_CONTROLS, postgresql_where=OTHER_CONTROLS),
     )
 
 
@@ -205,6 +263,7 @@ class FindingRow(Base):
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     remediation: Mapped[str] = mapped_column(Text, default="")
     waiver: Mapped[str | None] = mapped_column(String(64))  # the waiver that accepts it
+    control: Mapped[str] = mapped_column(String(32), default=FELIX, server_default=FELIX)
 
     cluster_scan: Mapped[ClusterScan] = relationship(back_populates="findings")
 
@@ -238,8 +297,34 @@ class DailyClusterSummary(Base):
     __table_args__ = (Index("ix_daily_cluster_summary_day", "day"),)
 
 
+class DailyControlSummary(Base):
+    """The per-control rollup written with every cluster scan: one row per cluster, control
+    and UTC day, the day's last scan that checked the control deciding its figures (its
+    targets: Felix's nodes, Typha's and kube-controllers' pods)."""
+
+    __tablename__ = "daily_control_summary"
+
+    cluster: Mapped[str] = mapped_column(String(255), primary_key=True)
+    control: Mapped[str] = mapped_column(String(32), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    scans: Mapped[int] = mapped_column(Integer)  # cluster scans that day that checked it
+    last_cluster_scan_id: Mapped[int] = mapped_column(Integer)
+    last_started_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16))
+    targets: Mapped[int] = mapped_column(Integer)
+    passing: Mapped[int] = mapped_column(Integer)
+    failing: Mapped[int] = mapped_column(Integer)
+    unknown: Mapped[int] = mapped_column(Integer)
+    waived: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    __table_args__ = (Index("ix_daily_control_summary_control_day", "control", "day"),)
+
+
 class NodeState(Base):
-    """Each node's current verdict and since when, kept at write time for streak queries."""
+    """Each node's current verdict and since when, kept at write time for streak queries.
+
+    Felix's nodes only (control felix-metrics): Typha's and kube-controllers' targets have none.
+    """
 
     __tablename__ = "node_states"
 

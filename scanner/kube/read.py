@@ -12,7 +12,8 @@ import binascii
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,18 +31,29 @@ from scanner.core.calico import (
     felix_param,
     node_labels,
 )
+from scanner.core.components import (
+    TYPHA_CONFIG_FILE,
+    TYPHA_PARAMS,
+    typha_param,
+    typha_value,
+)
 from scanner.core.config import ClusterSettings, NodeCheckSettings
 from scanner.core.errors import ApiError, ApiForbidden, CalicoNotFound
 from scanner.core.felix_params import ConfigFileError, load_config_file, parse_value
 from scanner.core.nodeview import latest_view
 from scanner.core.records import (
+    KUBE_CONTROLLERS,
+    TYPHA,
     ClusterSnapshot,
+    ComponentPod,
+    ComponentSnapshot,
     ConfigFile,
     EnvVar,
     FelixConfig,
     FelixConfigSet,
     Install,
     Installation,
+    KubeControllersConfig,
     Node,
     NodeViewLine,
     NodeViews,
@@ -89,9 +101,12 @@ def _collect(settings: ClusterSettings, api: Api, started: float) -> ClusterSnap
                                "installations", "default")
     installation = None
     if installation_doc is not None:
-        port = (installation_doc.get("spec") or {}).get("nodeMetricsPort")
-        installation = Installation(name="default",
-                                    node_metrics_port=port if isinstance(port, int) else None)
+        ispec = installation_doc.get("spec") or {}
+        port, typha_port = ispec.get("nodeMetricsPort"), ispec.get("typhaMetricsPort")
+        installation = Installation(
+            name="default", node_metrics_port=port if isinstance(port, int) else None,
+            typha_metrics_port=typha_port if isinstance(typha_port, int)
+            and not isinstance(typha_port, bool) else None)
     ds, namespace = _find_daemonset(settings, api, operator=installation is not None)
     install = _install_type(ds, namespace, installation)
     meta = ds.get("metadata") or {}
@@ -107,13 +122,17 @@ def _collect(settings: ClusterSettings, api: Api, started: float) -> ClusterSnap
     template = readers.inputs(container, pod_spec)
     revisions = _newest_revisions(api, namespace)
     rollout = _rollout(ds, revisions.get(str(meta.get("uid"))))
-    pods = _pods(api, namespace, settings.calico.container, readers, revisions)
+    pod_items = list(api.list(f"LIST pods in {namespace}", api.core.list_namespaced_pod,
+                              namespace) or [])
+    pods = _pods(pod_items, settings.calico.container, readers, revisions)
     nodes = _nodes(api)
     groups = {api_group(env, "") for env in [template.env, *(p.env for p in pods if p.env)]}
     discovered = _discover_group(api)
     felix_sets = {g: _felix_configs(api, g) for g in sorted((groups - {""}) | {discovered})}
     main = felix_sets[discovered]
     node_views = _node_views(api, settings.node_check) if settings.node_check else None
+    components = _components(settings, api, namespace, pod_items=pod_items,
+                             objects=readers.objects, group=discovered)
     return ClusterSnapshot(
         cluster=settings.name, install=install, namespace=namespace,
         daemonset=settings.calico.daemonset, container=settings.calico.container,
@@ -121,7 +140,7 @@ def _collect(settings: ClusterSettings, api: Api, started: float) -> ClusterSnap
         felix_configs=main.configs, felix_crd=main.error is None, installation=installation,
         rollout=rollout, pods=pods, nodes=nodes, collected_at=datetime.now(UTC),
         api_seconds=time.monotonic() - started, felix_sets=felix_sets, felix_group=discovered,
-        node_views=node_views)
+        node_views=node_views, controls=settings.controls, components=components)
 
 
 def _node_views(api: Api, settings: NodeCheckSettings) -> NodeViews:
@@ -289,6 +308,51 @@ def _relevant(env_name: str) -> str | None:
     return env_name.lower() if env_name.upper() in DATASTORE_VARS else None
 
 
+@dataclass(frozen=True, slots=True)
+class _EnvProfile:
+    """Which variables of a container matter, and what of a Secret's value may be kept."""
+
+    relevant: Callable[[str], str | None]  # env name -> the parameter it sets, or None
+    params: tuple[str, ...]  # full names an unreadable envFrom source could still set
+    stand_in: Callable[[str, str], str]
+
+
+def _typha_relevant(env_name: str) -> str | None:
+    param = typha_param(env_name)
+    return param if param is not None and param.startswith(_RELEVANT) else None
+
+
+def _typha_stand_in(param: str, value: str) -> str:
+    if not value:
+        return ""
+    canonical = next((p for p in TYPHA_PARAMS if p.lower() == param), None)
+    if canonical is None:
+        return "<set>"
+    parsed, valid = typha_value(canonical, value)
+    if not valid:
+        return "<redacted>"
+    if isinstance(parsed, bool):
+        return str(parsed).lower()
+    if isinstance(parsed, int):
+        return str(parsed)
+    return "none" if not parsed else "<set>"
+
+
+def _kc_relevant(env_name: str) -> str | None:
+    return "datastore_type" if env_name == "DATASTORE_TYPE" else None
+
+
+def _kc_stand_in(_param: str, value: str) -> str:
+    return value if value in ("kubernetes", "etcdv3") else "<set>" if value else ""
+
+
+_FELIX_ENV = _EnvProfile(_relevant, tuple(f"FELIX_{p.upper()}" for p in PARAMS),
+                         _secret_stand_in)
+_TYPHA_ENV = _EnvProfile(_typha_relevant, tuple(f"TYPHA_{p.upper()}" for p in TYPHA_PARAMS),
+                         _typha_stand_in)
+_KC_ENV = _EnvProfile(_kc_relevant, ("DATASTORE_TYPE",), _kc_stand_in)
+
+
 class _PodReaders:
     """Reads what Felix sees in a calico-node container: env, config file, image.
 
@@ -316,8 +380,8 @@ class _PodReaders:
         return found
 
 
-def _resolve_env(objects: _Objects, namespace: str,
-                 container: Mapping[str, Any]) -> tuple[EnvVar, ...]:
+def _resolve_env(objects: _Objects, namespace: str, container: Mapping[str, Any],
+                 profile: _EnvProfile = _FELIX_ENV) -> tuple[EnvVar, ...]:
     """The container's Felix metrics variables with Kubernetes' own semantics.
 
     envFrom first, then env (later entries win); `$(VAR)` references expanded; ConfigMap and
@@ -342,8 +406,7 @@ def _resolve_env(objects: _Objects, namespace: str,
                 if denied:
                     # It may set any variable: each Felix parameter we read that its prefix
                     # can still spell is unknown (optional or not: it exists, we cannot see it).
-                    for read in PARAMS:
-                        full = f"FELIX_{read.upper()}"
+                    for full in profile.params:
                         if full.lower().startswith(prefix.lower()):
                             env_name = prefix + full[len(prefix):]
                             resolved[env_name] = EnvVar(name=env_name, value=None,
@@ -356,19 +419,19 @@ def _resolve_env(objects: _Objects, namespace: str,
                 continue
             for key, value in data.items():
                 env_name = prefix + key
-                param = _relevant(env_name)
+                param = profile.relevant(env_name)
                 if what == "configmap":
                     plain[env_name] = value
                 if param:
                     redacted = what == "secret"
                     resolved[env_name] = EnvVar(
                         name=env_name, origin=f"{origin}[{key}]", redacted=redacted,
-                        value=_secret_stand_in(param, value) if redacted else value)
+                        value=profile.stand_in(param, value) if redacted else value)
     for entry in container.get("env") or []:
         if not isinstance(entry, dict) or "name" not in entry:
             continue
         env_name = str(entry["name"])
-        param = _relevant(env_name)
+        param = profile.relevant(env_name)
         relevant = param is not None
         if "valueFrom" not in entry:
             value = _expand(str(entry.get("value", "")), plain)
@@ -381,14 +444,15 @@ def _resolve_env(objects: _Objects, namespace: str,
         plain.pop(env_name, None)
         if not relevant:
             continue
-        var = _value_from(objects, env_name, param or "", entry["valueFrom"])
+        var = _value_from(objects, env_name, param or "", entry["valueFrom"], profile)
         if var.value is not None or var.error:
             resolved[env_name] = var
         # An optional reference that is missing sets nothing: an envFrom value stays.
     return tuple(v for v in resolved.values() if v.value is not None or v.error)
 
 
-def _value_from(objects: _Objects, env_name: str, param: str, spec: Any) -> EnvVar:
+def _value_from(objects: _Objects, env_name: str, param: str, spec: Any,
+                profile: _EnvProfile = _FELIX_ENV) -> EnvVar:
     ns = objects.namespace
     for kind, what in (("configMapKeyRef", "configmap"), ("secretKeyRef", "secret")):
         ref = spec.get(kind) if isinstance(spec, dict) else None
@@ -408,8 +472,8 @@ def _value_from(objects: _Objects, env_name: str, param: str, spec: Any) -> EnvV
             return EnvVar(name=env_name, value=None, origin=origin,
                           error=f"{missing} does not exist or is not readable by the scanner")
         if what == "secret":
-            return EnvVar(name=env_name, value=_secret_stand_in(param, data[key]), origin=origin,
-                          redacted=True)
+            return EnvVar(name=env_name, value=profile.stand_in(param, data[key]),
+                          origin=origin, redacted=True)
         return EnvVar(name=env_name, value=data[key], origin=origin)
     source = next(iter(spec), "unknown") if isinstance(spec, dict) else "unknown"
     return EnvVar(name=env_name, value=None, origin=f"valueFrom {source}",
@@ -432,13 +496,18 @@ def _expand(value: str, known: Mapping[str, str]) -> str:
 
 
 def _config_file(objects: _Objects, namespace: str, container: Mapping[str, Any],
-                 pod_spec: Mapping[str, Any]) -> ConfigFile:
-    """Whether a volume replaces /etc/calico/felix.cfg, and what it says when we can read it."""
+                 pod_spec: Mapping[str, Any], *, path: str = CONFIG_FILE,
+                 parse: Callable[[str], dict[str, str]] | None = None,
+                 stand_in: Callable[[str, str], str] | None = None) -> ConfigFile:
+    """Whether a volume replaces the config file at `path` (Felix's /etc/calico/felix.cfg by
+    default), and what it says when we can read it."""
+    parse = parse or _parse_felix_cfg
+    stand_in = stand_in or (lambda k, v: _secret_stand_in(k.lower(), v))
     mount = None
     for m in container.get("volumeMounts") or []:
-        path = str(m.get("mountPath", "")).rstrip("/")
-        covers = bool(path) and (path == CONFIG_FILE or CONFIG_FILE.startswith(path + "/"))
-        if covers and (mount is None or len(path) > len(str(mount.get("mountPath")))):
+        at = str(m.get("mountPath", "")).rstrip("/")
+        covers = bool(at) and (at == path or path.startswith(at + "/"))
+        if covers and (mount is None or len(at) > len(str(mount.get("mountPath")))):
             mount = m
     if mount is None:
         return ConfigFile(known=True, values={}, origin="image default, sets no Prometheus keys")
@@ -453,10 +522,10 @@ def _config_file(objects: _Objects, namespace: str, container: Mapping[str, Any]
         if not isinstance(ref, dict):
             continue
         name = str(ref.get("name") or ref.get("secretName"))
-        if mount_path == CONFIG_FILE:
-            key = str(mount.get("subPath") or "felix.cfg")
+        if mount_path == path:
+            key = str(mount.get("subPath") or path.rsplit("/", 1)[-1])
         else:
-            rel = CONFIG_FILE[len(mount_path) + 1:]
+            rel = path[len(mount_path) + 1:]
             key = rel
             for item in ref.get("items") or []:
                 if item.get("path") == rel:
@@ -470,15 +539,15 @@ def _config_file(objects: _Objects, namespace: str, container: Mapping[str, Any]
         if key not in data:
             return ConfigFile(known=True, values={}, origin=f"{origin} (absent)")
         try:
-            values = _parse_felix_cfg(data[key])
+            values = parse(data[key])
         except ConfigFileError as exc:
             return ConfigFile(known=True, values={}, origin=origin, invalid=str(exc)[:300])
         if what == "secret":
-            values = {k: _secret_stand_in(k.lower(), v) for k, v in values.items()}
+            values = {k: stand_in(k, v) for k, v in values.items()}
         return ConfigFile(known=True, values=values, origin=origin)
     kind = next((k for k in volume if k != "name"), "unknown")
     return ConfigFile(known=False, values={}, origin=f"{kind} volume {volume.get('name')}",
-                      error=f"{CONFIG_FILE} comes from a {kind} volume whose content the "
+                      error=f"{path} comes from a {kind} volume whose content the "
                       "scanner cannot read through the API")
 
 
@@ -573,13 +642,12 @@ def _rollout(ds: Mapping[str, Any], current: str | None) -> Rollout:
         max_unavailable=None if max_unavailable is None else str(max_unavailable))
 
 
-def _pods(api: Api, namespace: str, container: str, readers: _PodReaders,
+def _pods(items: list[dict[str, Any]], container: str, readers: _PodReaders,
           revisions: Mapping[str, str]) -> tuple[Pod, ...]:
     """Every pod of the namespace that runs the calico-node container, whoever owns it, each
     with the env and config file of its own spec (an old revision runs its old env)."""
-    items = api.list(f"LIST pods in {namespace}", api.core.list_namespaced_pod, namespace)
     pods = []
-    for item in items or []:
+    for item in items:
         meta = item.get("metadata") or {}
         spec = item.get("spec") or {}
         felix = next((c for c in spec.get("containers") or []
@@ -629,3 +697,154 @@ def _nodes(api: Api) -> tuple[Node, ...]:
         nodes.append(Node(name=printable(str(meta.get("name"))), addresses=addresses, ready=ready,
                           labels=labels or {}))
     return tuple(nodes)
+
+
+# --- Typha and kube-controllers (the typha-metrics and kube-controllers-metrics controls) ----
+
+
+def _components(settings: ClusterSettings, api: Api, namespace: str, *,
+                pod_items: list[dict[str, Any]], objects: _Objects,
+                group: str) -> dict[str, ComponentSnapshot]:
+    """The Deployments of the checked component controls, in calico-node's namespace (both
+    install types put Typha and kube-controllers beside it), with their pods."""
+    c = settings.calico
+    out: dict[str, ComponentSnapshot] = {}
+    if TYPHA in settings.controls:
+        out[TYPHA] = _component(api, namespace, TYPHA, name=c.typha,
+                                container_name=c.typha_container, pod_items=pod_items,
+                                objects=objects)
+    if KUBE_CONTROLLERS in settings.controls:
+        comp = _component(api, namespace, KUBE_CONTROLLERS, name=c.kube_controllers,
+                          container_name=c.kube_controllers_container, pod_items=pod_items,
+                          objects=objects)
+        if comp.found and not comp.error:
+            comp = replace(comp, kcc=_kube_controllers_config(api, group))
+        out[KUBE_CONTROLLERS] = comp
+    return out
+
+
+_PROFILES = {TYPHA: _TYPHA_ENV, KUBE_CONTROLLERS: _KC_ENV}
+
+
+def _component(api: Api, namespace: str, control: str, *, name: str, container_name: str,
+               pod_items: list[dict[str, Any]], objects: _Objects) -> ComponentSnapshot:
+    base = ComponentSnapshot(control=control, namespace=namespace, deployment=name,
+                             container=container_name, found=False)
+    try:
+        doc = api.get(f"GET deployment {namespace}/{name}", api.apps.read_namespaced_deployment,
+                      name, namespace)
+    except ApiForbidden as exc:
+        return replace(base, error=f"the scanner may not get deployment {namespace}/{name} "
+                       f"({exc})")
+    if doc is None:
+        return base
+    spec = doc.get("spec") or {}
+    pod_spec = ((spec.get("template") or {}).get("spec")) or {}
+    container = next((c for c in pod_spec.get("containers") or []
+                      if isinstance(c, dict) and c.get("name") == container_name), None)
+    if container is None:
+        names = ", ".join(str(c.get("name")) for c in pod_spec.get("containers") or [])
+        return replace(base, found=True, error=f"Deployment {namespace}/{name} has no container "
+                       f"{container_name!r} (it has: {names or 'none'})")
+    reader = _ComponentReader(objects, namespace, control)
+    env, config_file, image = reader.inputs(container, pod_spec)
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    pods = []
+    for item in pod_items:
+        meta = item.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        pspec = item.get("spec") or {}
+        own = next((c for c in pspec.get("containers") or []
+                    if isinstance(c, dict) and c.get("name") == container_name), None)
+        if own is None or not selector or any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        status = item.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in status.get("conditions") or [])
+        penv, pcf, pimage = reader.inputs(own, pspec)
+        pods.append(ComponentPod(
+            name=printable(str(meta.get("name"))), node=_name(pspec.get("nodeName")),
+            pod_ip=_name(status.get("podIP"), 64), host_network=bool(pspec.get("hostNetwork")),
+            phase=str(status.get("phase") or "Unknown"), ready=ready, env=penv,
+            config_file=pcf, image=pimage, terminating=bool(meta.get("deletionTimestamp"))))
+    dstatus = doc.get("status") or {}
+    replicas = spec.get("replicas")
+    return replace(base, found=True, image=image, env=env, config_file=config_file,
+                   pods=tuple(sorted(pods, key=lambda p: p.name)),
+                   replicas=replicas if isinstance(replicas, int) else None,
+                   ready_replicas=int(dstatus.get("readyReplicas") or 0))
+
+
+class _ComponentReader:
+    """A component container's env, config file (Typha's) and image; each distinct spec once."""
+
+    def __init__(self, objects: _Objects, namespace: str, control: str) -> None:
+        self.objects = objects
+        self.namespace = namespace
+        self.control = control
+        self.cache: dict[str, tuple[tuple[EnvVar, ...], ConfigFile | None, str | None]] = {}
+
+    def inputs(self, container: Mapping[str, Any], pod_spec: Mapping[str, Any]
+               ) -> tuple[tuple[EnvVar, ...], ConfigFile | None, str | None]:
+        key = json.dumps([container.get("env"), container.get("envFrom"),
+                          container.get("volumeMounts"), container.get("image"),
+                          container.get("args"), container.get("command"),
+                          pod_spec.get("volumes")], sort_keys=True, default=str)
+        found = self.cache.get(key)
+        if found is None:
+            env = _resolve_env(self.objects, self.namespace, container, _PROFILES[self.control])
+            cf = None
+            if self.control == TYPHA:
+                path = _typha_config_path(container)
+                cf = _config_file(self.objects, self.namespace, container, pod_spec, path=path,
+                                  parse=_parse_typha_cfg, stand_in=_typha_stand_in)
+                if path != TYPHA_CONFIG_FILE:
+                    cf = replace(cf, origin=f"path {path}, {cf.origin}")
+            found = (env, cf, _name(container.get("image"), 1000))
+            self.cache[key] = found
+        return found
+
+
+def _typha_config_path(container: Mapping[str, Any]) -> str:
+    """The config file Typha loads: `--config-file`/`-c` on its command line, else
+    /etc/calico/typha.cfg (typha/cmd/typha/command.go)."""
+    words = [str(w) for w in [*(container.get("command") or []), *(container.get("args") or [])]]
+    path = TYPHA_CONFIG_FILE
+    for i, word in enumerate(words):
+        if word in ("--config-file", "-c") and i + 1 < len(words):
+            path = words[i + 1]
+        elif word.startswith("--config-file="):
+            path = word.split("=", 1)[1]
+        elif word.startswith("-c") and len(word) > 2 and not word.startswith("--"):
+            path = word[2:].lstrip("=")
+    return path
+
+
+def _parse_typha_cfg(text: str) -> dict[str, str]:
+    """typha.cfg's Prometheus keys as Typha's loader reads the file: every section merged by
+    gopkg.in/ini.v1 (typha/pkg/config/file_loader.go `LoadConfigFileData`)."""
+    return {k: v for k, v in load_config_file(text).items() if k.lower().startswith(_RELEVANT)}
+
+
+def _kube_controllers_config(api: Api, group: str) -> KubeControllersConfig:
+    """KubeControllersConfiguration `default`, from the group Calico's clients read."""
+    g, _, version = group.partition("/")
+    try:
+        doc = api.get(f"GET kubecontrollersconfigurations.{g}/default",
+                      api.custom.get_cluster_custom_object, g, version,
+                      "kubecontrollersconfigurations", "default")
+    except ApiForbidden as exc:
+        return KubeControllersConfig(exists=False, error=f"the scanner may not get "
+                                     f"kubecontrollersconfigurations.{g} default ({exc})")
+    if doc is None:
+        return KubeControllersConfig(exists=False)
+    spec = doc.get("spec") or {}
+    status = doc.get("status") or {}
+    running = status.get("runningConfig") or {}
+    environment = status.get("environmentVars") or {}
+    return KubeControllersConfig(
+        exists=True, port=spec.get("prometheusMetricsPort"),
+        running=running if isinstance(running, dict) else {},
+        environment={str(k): printable(str(v)) for k, v in environment.items()}
+        if isinstance(environment, dict) else {},
+        resource_version=_name((doc.get("metadata") or {}).get("resourceVersion")))
