@@ -248,7 +248,8 @@ def _settings_from_kubeconfig(env: Mapping[str, str]) -> Settings:
             return Settings(
                 database=DEFAULT_DATABASE,
                 clusters=(ClusterSettings(name=env.get("FELIXSCAN_CLUSTER", "in-cluster"),
-                                          in_cluster=True, node_check=node_check),),
+                                          in_cluster=True, node_check=node_check,
+                                          controls=_env_controls(env)),),
             )
         raise ConfigError(
             "no --config given and no kubeconfig found (set KUBECONFIG, create ~/.kube/config, "
@@ -257,8 +258,23 @@ def _settings_from_kubeconfig(env: Mapping[str, str]) -> Settings:
     context = _check_kubeconfig(path, None, source=str(path), key="current-context")
     return Settings(
         database=DEFAULT_DATABASE,
-        clusters=(ClusterSettings(name=context, kubeconfig=path, context=context),),
+        clusters=(ClusterSettings(name=context, kubeconfig=path, context=context,
+                                  controls=_env_controls(env)),),
     )
+
+
+def _env_controls(env: Mapping[str, str]) -> tuple[str, ...]:
+    """`$FELIXSCAN_CONTROLS` (comma-separated control IDs) when no config file is given."""
+    raw = env.get("FELIXSCAN_CONTROLS", "").strip()
+    if not raw:
+        return CONTROL_IDS
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTROL_IDS]
+    if unknown or not names:
+        raise ConfigError(f"unknown control {', '.join(unknown) or raw!r}: expected a "
+                          f"comma-separated list of {', '.join(CONTROL_IDS)}",
+                          key="FELIXSCAN_CONTROLS")
+    return tuple(c for c in CONTROL_IDS if c in names)
 
 
 def _default_kubeconfig(env: Mapping[str, str]) -> Path | None:
