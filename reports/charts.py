@@ -9,10 +9,25 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
+from typing import Protocol
 
 from markupsafe import Markup, escape
 
-from scanner.db.queries.history import DayPoint
+
+class DayPoint(Protocol):
+    """What a chart reads of a day: a cluster's (history.DayPoint) or one control's
+    (history.ControlPoint)."""
+
+    @property
+    def day(self) -> date: ...
+    @property
+    def failing(self) -> int: ...
+    @property
+    def unknown(self) -> int: ...
+    @property
+    def ratio(self) -> float | None: ...
+    @property
+    def status(self) -> str: ...
 
 WIDTH, HEIGHT = 700, 230
 LEFT, RIGHT, TOP, BOTTOM = 46, 50, 12, 46
@@ -73,12 +88,15 @@ def _floor(ratios: Sequence[float]) -> float:
 
 
 def trend_chart(series: Sequence[DayPoint], *, since: date, until: date,
-                scale: Scale | None = None) -> Markup:
+                scale: Scale | None = None, height: int = HEIGHT,
+                title: str = "Compliance ratio and failing/unknown nodes per day",
+                unit: str = "nodes") -> Markup:
     """Compliance ratio (line, left axis) and failing/unknown nodes (stacked bars, right axis)
     for each day of the period; days without a scan are left as gaps. `scale`: axes shared with
-    the other charts of the same report (default: this series' own)."""
+    the other charts of the same report (default: this series' own). A smaller `height` makes
+    the compact chart of one control, whose `unit` is what its targets are."""
     days = (until - since).days + 1
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, height - TOP - BOTTOM
     base = TOP + plot_h
     slot = plot_w / days
     bar = max(min(slot * 0.8, 14.0), 0.6)
@@ -95,13 +113,14 @@ def trend_chart(series: Sequence[DayPoint], *, since: date, until: date,
         return base - n / top_nodes * plot_h
 
     out: list[str] = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'width="{WIDTH}" height="{HEIGHT}" role="img" font-family="DejaVu Sans, sans-serif" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {WIDTH} {height}" '
+        f'width="{WIDTH}" height="{height}" role="img" font-family="DejaVu Sans, sans-serif" '
         'font-size="9">',
-        "<title>Compliance ratio and failing/unknown nodes per day</title>",
+        f"<title>{escape(title)}</title>",
     ]
-    for i in range(5):
-        frac = i / 4
+    steps = 4 if plot_h >= 100 else 2  # grid lines a compact chart has room for
+    for i in range(steps + 1):
+        frac = i / steps
         yy = base - frac * plot_h
         out.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{yy:.1f}" y2="{yy:.1f}" '
                    f'stroke="{GRID}" stroke-width="0.6"/>')
@@ -130,10 +149,16 @@ def trend_chart(series: Sequence[DayPoint], *, since: date, until: date,
             y0, y1 = y_nodes(p.failing), y_nodes(p.failing + p.unknown)
             out.append(f'<rect x="{left:.2f}" y="{y1:.2f}" width="{bar:.2f}" '
                        f'height="{y0 - y1:.2f}" fill="{UNKNOWN}"/>')
-        if p.ratio is None:  # an error scan: nothing was verified that day
+        if p.ratio is None and p.status == "error":  # nothing was verified that day
             wide = max(bar, 2.0)
             out.append(f'<rect x="{x(p.day) - wide / 2:.2f}" y="{TOP}" width="{wide:.2f}" '
                        f'height="{plot_h}" fill="{ERROR}" fill-opacity="0.6"/>')
+        elif p.ratio is None and p.status == "non_compliant":
+            # Nothing to probe, yet non-compliant in configuration (a control declared enabled
+            # with no pod running): a red mark along the top.
+            wide = max(bar, 2.0)
+            out.append(f'<rect x="{x(p.day) - wide / 2:.2f}" y="{TOP}" width="{wide:.2f}" '
+                       f'height="4" fill="{FAIL}"/>')
 
     # The ratio line breaks wherever a day has no scan or its scan verified no node.
     runs: list[list[str]] = []
@@ -156,9 +181,10 @@ def trend_chart(series: Sequence[DayPoint], *, since: date, until: date,
             out.append(f'<polyline points="{" ".join(run)}" fill="none" stroke="{RATIO}" '
                        'stroke-width="1.4" stroke-linejoin="round"/>')
 
-    legend_y = HEIGHT - 10
+    legend_y = height - 10
     items = [(RATIO, "line", "compliance ratio (left axis)"),
-             (FAIL, "box", "failing nodes"), (UNKNOWN, "box", "unknown nodes (bars: right axis)"),
+             (FAIL, "box", f"failing {unit}"),
+             (UNKNOWN, "box", f"unknown {unit} (bars: right axis)"),
              (ERROR, "box", "scan error (nothing verified)")]
     lx = LEFT
     for color, kind, label in items:

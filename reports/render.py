@@ -21,14 +21,18 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
-from reports.charts import shared_scale, trend_chart
+from reports.charts import Scale, shared_scale, trend_chart
 from reports.integrity import ATTACHMENT_NAME, HASH_PREFIX, report_hash
+from reports.outputs import CONTROL_NAMES, CONTROL_PORTS, CONTROL_SHORT, CONTROL_TEXTS
 from scanner.core.controls import catalogue, control_statuses
 from scanner.core.errors import ReportError
 from scanner.core.findings import RULES
+from scanner.core.records import CONTROL_IDS, FELIX
 from scanner.db.queries.history import (
     SEVERITY_ORDER,
     ClusterReport,
+    ControlEntry,
+    ControlPoint,
     DayPoint,
     FindingItem,
     NodeChange,
@@ -43,6 +47,10 @@ WORST_FINDINGS = 12
 # Above this many failing/unknown nodes the node table becomes a fixed-width listing:
 # WeasyPrint lays a table out at about 1 ms per cell, a preformatted line at about 0.5 ms.
 TABLE_ROWS = 400
+# A control's targets (Typha's and kube-controllers' pods) listed one a row up to this many;
+# beyond it, those not passing in full and the passing ones by name.
+TARGET_ROWS = 60
+CONTROL_CHART_HEIGHT = 120
 # Lines per listing block, each block with its own header line and never split: two blocks of
 # 40 lines (6.2 pt, line height 1.25) fill an A4 page, and a block never strands its header.
 LISTING_LINES = 40
@@ -79,9 +87,11 @@ def render_html(data: ReportData, *, digest: str | None = None) -> str:
     return template.render(
         data=data, digest=digest, css=_css(), hash_prefix=HASH_PREFIX,
         attachment_name=ATTACHMENT_NAME, summary=_summary(data),
-        clusters=[_cluster_view(c, data) for c in data.clusters],
+        clusters=_cluster_views(data),
         scan_ids=compact_numbers(data.scan_ids), rules=_rules(data),
-        generated=_when(data.generated_at), controls=_controls(data))
+        generated=_when(data.generated_at), controls=_controls(data),
+        checked=_checked(data), control_texts=CONTROL_TEXTS, control_names=CONTROL_NAMES,
+        felix=FELIX)
 
 
 # --- PDF -----------------------------------------------------------------------------------
@@ -138,6 +148,7 @@ def render_pdf(html: str, *, attachment_json: bytes, pdf_variant: str | None = N
 @dataclass(frozen=True, slots=True)
 class FindingGroup:
     cluster: str
+    control: str  # the felixscan control whose check raised these findings
     id: str
     severity: str
     title: str
@@ -156,6 +167,32 @@ class ChangeLine:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlColumn:
+    """A control checked somewhere in the report: a column of the summary."""
+
+    id: str
+    short: str  # Felix, Typha, kube-controllers
+    name: str
+    port: int  # the endpoint's default port
+    text: str  # what the control asserts
+
+
+@dataclass(frozen=True, slots=True)
+class ControlView:
+    """One control of one cluster's latest scan, as its section shows it."""
+
+    e: ControlEntry
+    name: str
+    anchor: str
+    declared: str  # enabled, disabled, unknown or not installed
+    listed: list[NodeEntry]  # targets in full: all of them, or those not passing when many
+    passing_names: list[str]  # when many: the passing targets, by node (pod) name
+    groups: list[FindingGroup]  # this control's findings
+    chart: Markup | None  # the control's own trend (None: no day point in the period)
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterView:
     c: ClusterReport
     anchor: str
@@ -171,26 +208,99 @@ class ClusterView:
     stats: dict[str, Any]
     changes: list[tuple[str, list[ChangeLine]]]
     env: list[Mapping[str, Any]]
+    controls: list[ControlView]  # in CONTROL_IDS order
+    other_groups: list[FindingGroup]  # findings of a control the scan has no entry for
+    # summary columns: control -> its entry (None: the latest scan did not check it)
+    by_control: dict[str, ControlEntry | None]
 
 
-def _cluster_view(c: ClusterReport, data: ReportData) -> ClusterView:
+def _checked(data: ReportData) -> list[ControlColumn]:
+    """The controls any cluster's latest scan checked, in CONTROL_IDS order (others after)."""
+    seen = {e.control for c in data.clusters for e in _entries(c)}
+    ordered = [c for c in CONTROL_IDS if c in seen] + sorted(seen - set(CONTROL_IDS))
+    return [ControlColumn(id=c, short=CONTROL_SHORT.get(c, c), name=CONTROL_NAMES.get(c, c),
+                          port=CONTROL_PORTS.get(c, 0), text=CONTROL_TEXTS.get(c, c))
+            for c in ordered]
+
+
+def _entries(c: ClusterReport) -> tuple[ControlEntry, ...]:
+    """The cluster's controls; report data without any (made before the control catalogue)
+    is Felix's alone, from the cluster's own fields."""
+    if c.controls:
+        return c.controls
+    return (ControlEntry(
+        control=FELIX, status=c.status, installed=True, declared_enabled=c.declared_enabled,
+        declared_source=c.declared_source, declared_port=c.declared_port, error=c.error,
+        targets_total=c.nodes_total, targets_pass=c.nodes_pass, targets_fail=c.nodes_fail,
+        targets_unknown=c.nodes_unknown, targets_waived=c.nodes_waived, namespace=c.namespace,
+        workload=c.daemonset, image=c.image),)
+
+
+def _control_views(c: ClusterReport, data: ReportData, anchor: str, *,
+                   scale: Scale) -> list[ControlView]:
+    trends = c.control_trend
+    out = []
+    for e in _entries(c):
+        targets = sorted(e.targets, key=lambda t: (VERDICT_RANK.get(t.verdict, 9),
+                                                   natural_key(t.name), t.pod or ""))
+        many = len(targets) > TARGET_ROWS
+        series = trends.get(e.control, ())
+        unit = "nodes" if e.control == FELIX else "targets"
+        out.append(ControlView(
+            e=e, name=CONTROL_NAMES.get(e.control, e.control),
+            anchor=f"{anchor}-{e.control}",
+            declared=("not installed" if not e.installed else _declared(e.declared_enabled)),
+            listed=[t for t in targets if t.verdict != "pass"] if many else targets,
+            passing_names=compact_names(f"{t.name}/{t.pod}" if t.pod else t.name
+                                        for t in targets if t.verdict == "pass")
+            if many else [],
+            groups=_finding_groups(c, control=e.control),
+            # Felix's trend is the cluster's history chart (its nodes): not drawn twice.
+            chart=trend_chart(series, since=data.since, until=data.until, scale=scale,
+                              height=CONTROL_CHART_HEIGHT, unit=unit,
+                              title=f"{e.control}: compliance ratio and failing/unknown "
+                                    f"{unit} per day")
+            if series and e.control != FELIX else None,
+            stats=_stats(series, data.since, data.until)))
+    return out
+
+
+VERDICT_RANK = {"fail": 0, "waived": 1, "unknown": 2, "pass": 3}
+
+
+def _cluster_views(data: ReportData) -> list[ClusterView]:
+    # Axes shared by every chart of a kind, worked out once for the report.
+    scale = shared_scale(x.series for x in data.clusters)
+    control_scale = shared_scale(points for x in data.clusters
+                                 for points in x.control_trend.values())
+    checked = _checked(data)
+    return [_cluster_view(c, data, scale=scale, control_scale=control_scale, checked=checked)
+            for c in data.clusters]
+
+
+def _cluster_view(c: ClusterReport, data: ReportData, *, scale: Scale, control_scale: Scale,
+                  checked: Sequence[ControlColumn]) -> ClusterView:
     listed = [n for n in c.nodes if n.verdict != "pass"]
     passing = [n for n in c.nodes if n.verdict == "pass"]
     sources = {n.declared_source for n in listed}
     header, blocks = _listing(listed) if len(listed) > TABLE_ROWS else ("", [])
+    anchor = f"cluster-{data.clusters.index(c) + 1}"
+    entries = {e.control: e for e in _entries(c)}
     return ClusterView(
-        c=c, anchor=f"cluster-{data.clusters.index(c) + 1}", listed=listed,
+        c=c, anchor=anchor, listed=listed,
         passing=len(passing),
         passing_states=sorted(Counter(n.state for n in passing).items(), key=lambda i: -i[1]),
         passing_names=compact_names(n.name for n in passing),
         common_source=next(iter(sources)) if len(sources) == 1 else None,
         listing=blocks, listing_header=header,
         groups=_finding_groups(c), chart=trend_chart(
-            c.series, since=data.since, until=data.until,
-            scale=shared_scale(x.series for x in data.clusters)),
+            c.series, since=data.since, until=data.until, scale=scale),
         stats=_stats(c.series, data.since, data.until), changes=_changes(c),
         env=[e for e in (c.configuration.get("env") or [])
-             if str(e.get("name", "")).lower().startswith("felix_")])
+             if str(e.get("name", "")).lower().startswith("felix_")],
+        controls=_control_views(c, data, anchor, scale=control_scale),
+        other_groups=[g for g in _finding_groups(c) if g.control not in entries],
+        by_control={col.id: entries.get(col.id) for col in checked})
 
 
 def _listing(nodes: Sequence[NodeEntry]) -> tuple[str, list[str]]:
@@ -235,15 +345,19 @@ def _certificate(n: NodeEntry) -> str | None:
     return ", ".join(parts)
 
 
-def _finding_groups(c: ClusterReport) -> list[FindingGroup]:
-    by_key: dict[tuple[str, str, str], list[FindingItem]] = defaultdict(list)
+def _finding_groups(c: ClusterReport, *, control: str | None = None) -> list[FindingGroup]:
+    """The cluster's findings grouped by control, ID and remediation (`control`: that
+    control's alone)."""
+    by_key: dict[tuple[str, str, str, str], list[FindingItem]] = defaultdict(list)
     for f in c.findings:
-        by_key[(f.id, f.severity, f.remediation)].append(f)
+        if control is None or f.control == control:
+            by_key[(f.control, f.id, f.severity, f.remediation)].append(f)
     groups = []
-    for (fid, severity, remediation), items in by_key.items():
+    for (ctl, fid, severity, remediation), items in by_key.items():
         rule = RULES.get(fid)
         groups.append(FindingGroup(
-            cluster=c.name, id=fid, severity=severity, title=rule.title if rule else fid,
+            cluster=c.name, control=ctl, id=fid, severity=severity,
+            title=rule.title if rule else fid,
             count=len(items), nodes=compact_names(f.node for f in items if f.node),
             examples=[(f, flatten(f.evidence)) for f in items[:EXAMPLES_PER_FINDING]],
             more=max(0, len(items) - EXAMPLES_PER_FINDING), remediation=remediation))
@@ -260,6 +374,23 @@ def _controls(data: ReportData) -> list[dict[str, Any]]:
     cat = catalogue()
     return [{"standard": s, "controls": [x for x in statuses if x.control.standard == s.id]}
             for s in cat.standards]
+
+
+def _control_summary(data: ReportData) -> list[dict[str, Any]]:
+    """Per control checked: clusters by its status, and its targets across the fleet."""
+    out = []
+    for col in _checked(data):
+        entries = [e for c in data.clusters for e in _entries(c) if e.control == col.id]
+        status = Counter(e.status for e in entries)
+        out.append({"column": col, "compliant": status["compliant"],
+                    "non_compliant": status["non_compliant"], "error": status["error"],
+                    "unchecked": len(data.clusters) - len(entries),
+                    "not_installed": sum(1 for e in entries if not e.installed),
+                    "targets": sum(e.targets_total for e in entries),
+                    "failing": sum(e.targets_fail for e in entries),
+                    "unknown": sum(e.targets_unknown for e in entries),
+                    "waived": sum(e.targets_waived for e in entries)})
+    return out
 
 
 def _summary(data: ReportData) -> dict[str, Any]:
@@ -282,10 +413,12 @@ def _summary(data: ReportData) -> dict[str, Any]:
                            or {c.method.vantage or c.method.scanner_host for c in data.clusters}),
         "waivers": [(c.name, w) for c in data.clusters for w in c.waivers],
         "worst": groups[:WORST_FINDINGS], "more_findings": max(0, len(groups) - WORST_FINDINGS),
+        "controls": _control_summary(data),
     }
 
 
-def _stats(series: Sequence[DayPoint], since: date, until: date) -> dict[str, Any]:
+def _stats(series: Sequence[DayPoint | ControlPoint], since: date,
+           until: date) -> dict[str, Any]:
     ratios = [p for p in series if p.ratio is not None]
     worst = min(ratios, key=lambda p: (p.ratio, p.day), default=None)
     most = max(series, key=lambda p: (p.failing, p.day), default=None)

@@ -4,8 +4,9 @@ Each pod of the component is a target: its declared state comes from its own spe
 the cluster's KubeControllersConfiguration (kube-controllers), and its endpoint is probed where
 it would listen. A target passes only when its declared state is disabled *and* the probe shows
 the port closed (or filtered while the pod is Ready), exactly as a Felix node does
-(`scanner.core.evaluate.node_verdict`). A component that is not deployed exposes nothing; one
-that cannot be read is an error, never a pass.
+(`scanner.core.evaluate.node_verdict`). kube-controllers switched off (port 0 or no port) has no
+port of its own; its pods are probed on the default 9094. A component that is not deployed
+exposes nothing; one that cannot be read is an error, never a pass.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from scanner.core.components import (
+    KCC_PORT_FIELD,
     component_targets,
     declared_for,
+    pod_addresses,
     running_pods,
 )
 from scanner.core.evaluate import _probe_evidence, deciding_probe, node_verdict
@@ -104,7 +107,7 @@ def evaluate_component(snapshot: ClusterSnapshot, control: str,
         (p.address, p.port): p for p in probes}
     results: list[NodeResult] = []
     for pod in running_pods(component):
-        d = declared[pod.name]
+        d = declared.get(pod.name) or declared_for(component, pod, snapshot.installation)
         results.append(_target(pod, d, nodes, by_target=by_target, address_types=address_types,
                                add=add, name=name))
 
@@ -119,8 +122,6 @@ def evaluate_component(snapshot: ClusterSnapshot, control: str,
 def _target(pod: ComponentPod, d: Declared, nodes: Mapping[str, Node], *,
             by_target: Mapping[tuple[str | None, int], ProbeResult],
             address_types: Sequence[str], add: Any, name: str) -> NodeResult:
-    from scanner.core.components import pod_addresses
-
     node_name = pod.node or f"(pod {pod.name})"
     if d.random_port:
         on_port = [ProbeResult(node=node_name, address=pod.pod_ip, port=0, state="error",
@@ -205,7 +206,7 @@ def _config_findings(control: str, component: ComponentSnapshot, template: Decla
                 "installation": snapshot.installation.name, "typha_metrics_port": port})
     kcc = component.kcc
     if control == KUBE_CONTROLLERS and kcc is not None and kcc.exists and kcc.port is None \
-            and not kcc.error:
+            and not kcc.error and template.source.startswith(KCC_PORT_FIELD):
         add("METRICS-PORT-ABSENT",
             "KubeControllersConfiguration default has no spec.prometheusMetricsPort: off now, "
             "but any update through a Calico client (calicoctl, the operator's API) fills in "

@@ -5,16 +5,20 @@ docs/calico.md tabulates each rule with its upstream place and the test that pin
 
 Typha (typha/pkg/daemon/daemon.go `LoadConfiguration`; typha/pkg/config): two sources only,
 the environment (`LoadConfigFromEnvironment`: a `typha_` prefix in any case, the rest
-lower-cased) and the config file `/etc/calico/typha.cfg` or `--config-file` (`LoadConfigFile`,
-gopkg.in/ini.v1, every section merged). `Config.UpdateFrom` drops empty values; `resolve`
-walks the sources environment first. Unlike Felix's, Typha's `resolve` looks a parameter's
-current source up by the *raw* name but records it under the *canonical* one
-(`nameToSource[rawName]` / `nameToSource[name]`), so a config-file key spelled other than
-exactly `PrometheusMetricsEnabled` finds no source recorded under its spelling and overrides
-the environment; the canonical spelling does not. `none` is the zero value; a value that does
-not parse becomes the default. PrometheusMetricsEnabled `bool;false`, Port `int(0,65535);9093`
+lower-cased, one map key per lower-cased name) and the config file `/etc/calico/typha.cfg` or
+`--config-file` (typha/cmd/typha/command.go; `LoadConfigFile`, gopkg.in/ini.v1, every section
+merged; a file ini rejects keeps Typha retrying for ever). `Config.UpdateFrom` drops empty
+values; `resolve` walks the environment, then the file's map in Go's random order. Unlike
+Felix's, Typha's `resolve` looks a parameter's current source up by the *raw* name but records
+it under the *canonical* one (`nameToSource[rawName]` / `nameToSource[name]`), so a file key
+spelled other than exactly `PrometheusMetricsEnabled` finds no source recorded under its
+spelling and overrides the environment, while the canonical spelling loses to it; of the file
+keys that apply, any may come last. Every outcome those orders allow is worked out: one value,
+or undetermined (unknown). `none` is the zero value; a value that does not parse becomes the
+default. PrometheusMetricsEnabled `bool;false`, Port `int(0,65535);9093`
 (`strconv.ParseInt(raw, 0, 32)`), Host `host-address;` (config_params.go `Config`). With a
-cert or key file Typha serves HTTPS (daemon.go `Start`).
+cert or key file Typha serves HTTPS (daemon.go), from v3.32.0; PrometheusMetricsClientAuth
+defaults to RequireAndVerifyClientCert in v3.32.x and NoClientCert from v3.33.
 
 kube-controllers (kube-controllers/pkg/config/runconfig.go `mergeConfig`): the port is
 KubeControllersConfiguration `default` `spec.prometheusMetricsPort` alone; nil is 0, and 0 is
@@ -23,12 +27,16 @@ off (kube-controllers/pkg/kubecontrollers/run.go `Run`: `if runCfg.PrometheusPor
 (config.go `AllEnvs`). When `default` does not exist kube-controllers creates it
 (`getOrCreateSnapshot`), and the client fills an absent port with 9094 on every Create and
 Update (libcalico-go/lib/clientv3/kubecontrollersconfig.go `validateAndFillDefaults`): an absent
-field is off only until the next update through a Calico client.
+field is off only until the next update through a Calico client. The resource is read from the
+datastore `LoadClientConfigFromEnvironment` picks (CALICO_DATASTORE_TYPE, else DATASTORE_TYPE,
+else etcdv3 when ETCD_ENDPOINTS is set, else kubernetes); with ENABLED_CONTROLLERS naming
+`flannelmigration` it is not read and no metrics server starts (run.go `Run`). Off has no port
+of its own: the pods are probed on the default 9094.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from scanner.core.felix_params import (
@@ -75,45 +83,62 @@ _INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
 def typha_param(env_name: str) -> str | None:
-    """The Typha parameter (lower-cased) an env var sets: a `typha_` prefix in any case
-    (typha/pkg/config/env_var_loader.go `LoadConfigFromEnvironment`)."""
-    low = env_name.lower()
+    """The Typha parameter (lower-cased) an env var sets: the name lower-cased by Go's
+    strings.ToLower, then a `typha_` prefix (typha/pkg/config/env_var_loader.go
+    `LoadConfigFromEnvironment`)."""
+    low = _go_to_lower(env_name)
     return low[len("typha_"):] if low.startswith("typha_") else None
 
 
-def typha_value(param: str, raw: str) -> tuple[object, bool]:
+def typha_client_auth_default(version: tuple[int, int, int] | None) -> str | None:
+    """PrometheusMetricsClientAuth's default: RequireAndVerifyClientCert in v3.32.x
+    (release-v3.32 typha/pkg/config/config_params.go), NoClientCert from v3.33 (master, #13072);
+    None when the image names no version."""
+    if version is None:
+        return None
+    return "RequireAndVerifyClientCert" if version[:2] == TYPHA_TLS_SINCE else "NoClientCert"
+
+
+def _typha_default(param: str, version: tuple[int, int, int] | None) -> object:
+    return typha_client_auth_default(version) if param == _CLIENT_AUTH else _DEFAULTS[param]
+
+
+def typha_value(param: str, raw: str, *,
+                version: tuple[int, int, int] | None = None) -> tuple[object, bool]:
     """One value as Typha's `resolve` turns it into the field: (value, valid).
 
     `none` in any case is the zero value; otherwise the parameter's parser
-    (typha/pkg/config/param_types.go), a failure giving the default."""
+    (typha/pkg/config/param_types.go), a failure giving the default (for ClientAuth the
+    default of `version`, None when that is not known)."""
     if _go_to_lower(raw) == "none":
         return _ZERO[param], True
+    default = _typha_default(param, version)
     try:
         if param == _ENABLED:
             return _bool_parse(raw), True
         if param == _PORT:
-            value = _go_parse_int64(raw)  # base 0, underscores after a prefix, as ParseInt
-            if value is None or not _INT32[0] <= value <= _INT32[1]:  # bitSize 32
+            # IntParam.Parse: strconv.ParseInt(raw, 0, 32) (base prefixes, `_` after one, a
+            # sign), then the tag's range int(0,65535).
+            value = _go_parse_int64(raw)
+            if value is None or not _INT32[0] <= value <= _INT32[1]:
                 raise _ParseError(raw)
             if not 0 <= value <= 65535:
                 raise _ParseError(raw)
             return value, True
         if param == _HOST:
-            if _HOST_ADDRESS_RE.fullmatch(raw) is None:
+            if _HOST_ADDRESS_RE.fullmatch(raw) is None:  # HostAddressRegexp
                 raise _ParseError(raw)
             return raw, True
-        if param == _CLIENT_AUTH:
-            if raw not in _CLIENT_AUTH_OPTIONS:  # OneofListParam: exact, case-insensitive
-                low = {o.lower(): o for o in _CLIENT_AUTH_OPTIONS}
-                if raw.lower() not in low:
-                    raise _ParseError(raw)
-                return low[raw.lower()], True
-            return raw, True
-        if _STRING_RE.fullmatch(raw) is None or "\n" in raw:
+        if param == _CLIENT_AUTH:  # OneofListParam: lower-cased, mapped to the canonical option
+            canonical = {_go_to_lower(o): o for o in _CLIENT_AUTH_OPTIONS}.get(_go_to_lower(raw))
+            if canonical is None:
+                raise _ParseError(raw)
+            return canonical, True
+        if _STRING_RE.fullmatch(raw) is None:  # StringRegexp `^.*$`: no newline
             raise _ParseError(raw)
         return raw, True
     except _ParseError:
-        return _DEFAULTS[param], False
+        return default, False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,64 +147,96 @@ class _Hit:
     source: str
     raw: str | None  # None when redacted or unreadable
     error: str | None = None
+    who: str = ""  # short name of the entry, for messages: `env TYPHA_X`, `key X`
 
 
-def _env_hit(param: str, env: Sequence[EnvVar]) -> _Hit | None:
-    """The environment's value of `param`, as the loader's map holds it. Spellings of one name
-    that disagree are undetermined: the kubelet builds a container's environment from a map."""
-    hits = [e for e in env if typha_param(e.name) == param.lower()]
-    bad = next((e for e in hits if e.error), None)
-    if bad is not None:
-        return _Hit(None, f"env {bad.name} ({bad.origin})", None, bad.error)
-    if len({e.name for e in hits}) > 1 and any(not e.value for e in hits) \
-            and any(e.value for e in hits):
-        names = ", ".join(dict.fromkeys(e.name for e in hits))
-        return _Hit(None, f"env {names}", None, f"{names} set the same Typha parameter, some "
-                    "empty; which one Typha keeps depends on the order of its environment")
-    hits = [e for e in hits if e.value]
-    if not hits:
-        return None
-    meanings = {typha_value(param, e.value or "") for e in hits}
-    if len(meanings) > 1:
-        names = ", ".join(dict.fromkeys(e.name for e in hits))
-        return _Hit(None, f"env {names}", None, f"{names} set the same Typha parameter to "
-                    "different values; which one Typha takes is undetermined")
-    e = hits[-1]
-    origin = "" if e.origin in ("", "literal") else f" ({e.origin})"
-    return _Hit(e.value, f"env {e.name}{origin}", None if e.redacted else e.value)
+def _env_choices(param: str, env: Sequence[EnvVar]) -> list[_Hit | None]:
+    """What the environment source may hold for `param`: one entry per spelling of its name
+    (None: empty, which `UpdateFrom` drops). The loader keys its map by the lower-cased name
+    and the last spelling in the environment wins; the kubelet builds a container's
+    environment from a map, so any spelling may be last. The same name twice: the later
+    entry wins (kubelet)."""
+    by_name: dict[str, EnvVar] = {}
+    for e in env:
+        if typha_param(e.name) == param.lower():
+            by_name.pop(e.name, None)
+            by_name[e.name] = e
+    choices: list[_Hit | None] = []
+    for e in by_name.values():
+        origin = "" if e.origin in ("", "literal") else f" ({e.origin})"
+        if e.error:
+            choices.append(_Hit(None, f"env {e.name}{origin}", None, e.error, f"env {e.name}"))
+        elif not e.value:
+            choices.append(None)
+        else:
+            choices.append(_Hit(e.value, f"env {e.name}{origin}",
+                                None if e.redacted else e.value, who=f"env {e.name}"))
+    return choices
 
 
-def _file_hits(param: str, cf: ConfigFile, label: str) -> tuple[_Hit | None, _Hit | None]:
-    """(canonical spelling, other spellings) of `param` in the config file, empties dropped.
-    Other spellings are returned only as one agreed value, or an undetermined error."""
-    canon = cf.values.get(param) or None
-    others = [(k, v) for k, v in cf.values.items() if k.lower() == param.lower() and k != param
-              and v]
-    canon_hit = _Hit(canon, f"{label} key {param}", canon) if canon else None
-    if not others:
-        return canon_hit, None
-    # Typha walks the file's map in random order: every other spelling, and the canonical
-    # one with them, may be the one kept (`resolve`, see the module docstring).
-    competing = [*others, *([(param, canon)] if canon else [])]
-    names = ", ".join(k for k, _ in competing)
-    if len({typha_value(param, v) for _, v in competing}) > 1:
-        return canon_hit, _Hit(None, f"{label} keys {names}", None,
-                               f"{label} spells {param} as {names} with different values; "
-                               "which one Typha takes is undetermined (Go map order)")
-    key, value = others[-1]
-    return canon_hit, _Hit(value, f"{label} key {key} (spelled other than {param}, so it "
-                           "overrides the environment: typha/pkg/config/config_params.go "
-                           "resolve)", value)
+_STAND_IN_SET = "<set>"  # the collector's stand-in for a valid string read from a Secret
 
 
-def _typha_hit(param: str, env: Sequence[EnvVar], cf: ConfigFile | None,
-               label: str) -> _Hit | None:
+def _hit_value(param: str, hit: _Hit, version: tuple[int, int, int] | None
+               ) -> tuple[object, bool]:
+    """typha_value of a hit; a Secret's valid string is known only as set: a host or client
+    auth whose text is not known (`<set>`, None), a certificate path that is set."""
+    if hit.raw is None and hit.value == _STAND_IN_SET and param in (_HOST, _CLIENT_AUTH):
+        return (_STAND_IN_SET if param == _HOST else None), True
+    return typha_value(param, hit.value or "", version=version)
+
+
+def _typha_hit(param: str, env: Sequence[EnvVar], cf: ConfigFile | None, label: str, *,
+               version: tuple[int, int, int] | None = None) -> _Hit | None:
+    """The value Typha ends with for `param` (None: no source sets it, the default).
+
+    typha/pkg/config/config_params.go `Config.resolve` walks the environment, then the file's
+    map (random order), each value overriding the last unless `source < currentSource`, where
+    `currentSource = nameToSource[rawName]` but the value is recorded as
+    `nameToSource[name]` (the canonical field name). So the file's canonical spelling
+    `PrometheusMetricsEnabled` loses to an environment value, while any other spelling
+    (`prometheusmetricsenabled`) finds nothing recorded under its own name and overrides the
+    environment; among the file keys that apply, Go's map order picks the last. Every outcome
+    that order allows is worked out: one value, or undetermined."""
     if cf is not None and not cf.known:
         return _Hit(None, label, None, cf.error or "the config file's content cannot be read")
-    canon, other = _file_hits(param, cf, label) if cf is not None else (None, None)
-    if other is not None:
-        return other
-    return _env_hit(param, env) or canon
+    canon: _Hit | None = None
+    others: list[_Hit] = []
+    if cf is not None:
+        for key, value in cf.values.items():
+            if not value or _go_to_lower(key) != param.lower():
+                continue  # UpdateFrom drops empty values
+            if key == param:
+                canon = _Hit(value, f"{label} key {key}", value, who=f"config file key {key}")
+            else:
+                others.append(_Hit(value, f"{label} key {key} (spelled other than {param}, so "
+                                   "it overrides the environment: typha/pkg/config/"
+                                   "config_params.go resolve)", value,
+                                   who=f"config file key {key}"))
+    outcomes: list[_Hit | None] = []
+    for choice in _env_choices(param, env) or [None]:
+        if choice is None:  # nothing in the environment: every file key applies
+            outcomes.extend([*others, *([canon] if canon else [])] or [None])
+        elif choice.error:  # set or not, unknown: the other spellings override it anyway
+            outcomes.extend([*others, *([canon] if canon else [])] if others else [choice])
+        elif others:
+            # Another spelling overrides the environment's value and records the canonical
+            # name at file level, so a canonical key walked after it applies too.
+            outcomes.extend([*others, *([canon] if canon else [])])
+        else:  # the environment's value stands
+            outcomes.append(choice)
+    errors = [h for h in outcomes if h is not None and h.error]
+    if errors:
+        return errors[0]
+    meanings = {_hit_value(param, h, version)[0] if h is not None and h.value
+                else _typha_default(param, version) for h in outcomes}
+    if len(meanings) > 1:
+        names = ", ".join(dict.fromkeys(h.who if h is not None else "no value (the default)"
+                                        for h in outcomes))
+        return _Hit(None, names, None, f"{names} give {param} different values and which one "
+                    "Typha takes is undetermined (the kubelet's environment order, Go's map "
+                    "order in typha/pkg/config/config_params.go resolve)")
+    return next((h for h in outcomes if h is not None), None)
 
 
 def component_version(image: str | None) -> tuple[int, int, int] | None:
@@ -202,8 +259,13 @@ def _vtext(image: str | None) -> str | None:
 def resolve_typha(env: Sequence[EnvVar], config_file: ConfigFile | None, *,
                   image: str | None = None, pod: str | None = None,
                   config_path: str = TYPHA_CONFIG_FILE) -> Declared:
-    """Typha's declared metrics setting from one container's env and config file."""
-    label = f"config file {config_path}" + (f" ({config_file.origin})" if config_file else "")
+    """Typha's declared metrics setting from one container's env and config file
+    (`--config-file` or /etc/calico/typha.cfg: typha/cmd/typha/command.go, daemon.go
+    `LoadConfiguration`)."""
+    origin = config_file.origin if config_file is not None else ""
+    if origin.startswith(f"path {config_path}, "):
+        origin = origin[len(f"path {config_path}, "):]
+    label = f"config file {config_path}" + (f" ({origin})" if config_file else "")
     version = component_version(image)
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
@@ -211,25 +273,29 @@ def resolve_typha(env: Sequence[EnvVar], config_file: ConfigFile | None, *,
     enabled_hit: _Hit | None = None
     invalid = False
     for param in TYPHA_PARAMS:
-        hit = _typha_hit(param, env, config_file, label)
+        hit = _typha_hit(param, env, config_file, label, version=version)
         if hit is None:
             continue
         sources[param] = hit.source
         if hit.value is None:
             unknown[param] = hit.error or "cannot be read"
             continue
-        value, valid = typha_value(param, hit.value)
+        value, valid = _hit_value(param, hit, version)
         values[param] = value
         if param == _ENABLED:
             enabled_hit, invalid = hit, not valid
     port = values.get(_PORT, TYPHA_DEFAULT_PORT)
     assert isinstance(port, int)
+    # daemon.go: `PrometheusMetricsKeyFile != "" || PrometheusMetricsCertFile != ""` serves
+    # HTTPS; the parameters exist from v3.32.0 (older Typha ignores them as unknown).
     tls = bool(values.get(_CERT) or values.get(_KEY)) and (
         version is None or version >= TYPHA_TLS_SINCE)
+    client_auth = values.get(_CLIENT_AUTH) if _CLIENT_AUTH in values else (
+        None if _CLIENT_AUTH in unknown else typha_client_auth_default(version))
     common: dict[str, object] = {
         "port": port, "port_source": sources.get(_PORT, "built-in default"),
         "host": str(values.get(_HOST, "")), "tls": tls,
-        "client_auth": str(values.get(_CLIENT_AUTH, "NoClientCert")) if tls else None,
+        "client_auth": None if not tls or client_auth is None else str(client_auth),
         "pod": pod, "felix_version": _vtext(image)}
     if config_file is not None and config_file.invalid:
         return Declared(enabled=None, source=label, reason="the config file is not valid INI "
@@ -266,31 +332,45 @@ def typha_declared(component: ComponentSnapshot, pod: ComponentPod | None,
 
 
 def _config_path(cf: ConfigFile | None) -> str:
+    """The `--config-file` path the collector recorded as `path <path>, <origin>`."""
     if cf is not None and cf.origin.startswith("path "):
-        return cf.origin.split(" ", 2)[1]
+        return cf.origin[len("path "):].split(", ", 1)[0]
     return TYPHA_CONFIG_FILE
 
 
 def kube_controllers_declared(component: ComponentSnapshot,
                               pod: ComponentPod | None = None) -> Declared:
-    """kube-controllers' declared metrics port: KubeControllersConfiguration `default` alone."""
+    """kube-controllers' declared metrics port: KubeControllersConfiguration `default` alone
+    (kube-controllers/pkg/config/runconfig.go `mergeConfig`; no environment variable sets it:
+    config.go `AllEnvs`). Before it reads that resource, kube-controllers picks its datastore
+    (`LoadClientConfigFromEnvironment`) and, with ENABLED_CONTROLLERS naming flannelmigration,
+    skips it altogether (run.go `Run`)."""
     env = pod.env if pod is not None and pod.env is not None else component.env
     image = pod.image if pod is not None and pod.image else component.image
     common: dict[str, object] = {"pod": pod.name if pod else None, "felix_version": _vtext(image),
                                  "host": ""}
     kcc = component.kcc
-    store = _kc_datastore(env)
-    if store is not None and store != "kubernetes":
-        return Declared(enabled=None, source=f"env DATASTORE_TYPE={store}",
-                        port=KUBE_CONTROLLERS_DEFAULT_PORT, port_source="unknown",
-                        reason=f"kube-controllers reads KubeControllersConfiguration from "
-                        f"{store}, which felixscan cannot see", **common)  # type: ignore[arg-type]
+    off = _kc_flannel_migration(env)
+    if off is not None:
+        return off(common)
+    store, why = _kc_datastore(env)
+    if store != "kubernetes":
+        return Declared(enabled=None, source=why, port=KUBE_CONTROLLERS_DEFAULT_PORT,
+                        port_source="unknown",
+                        reason=f"kube-controllers reads KubeControllersConfiguration from etcd "
+                        f"({why}), which felixscan cannot see" if store == "etcdv3" else
+                        why if store is None else f"{why} is not a datastore type libcalico-go "
+                        "knows (backend/client.go NewClient): kube-controllers exits",
+                        **common)  # type: ignore[arg-type]
     if kcc is None or kcc.error:
         reason = kcc.error if kcc is not None else "KubeControllersConfiguration was not read"
         return Declared(enabled=None, source="KubeControllersConfiguration default",
                         port=KUBE_CONTROLLERS_DEFAULT_PORT, port_source="unknown",
                         reason=reason, **common)  # type: ignore[arg-type]
     if not kcc.exists:
+        # runconfig.go getOrCreateSnapshot creates it from NewDefaultKubeControllersConfig (no
+        # port), and the client's Create fills the absent port with 9094
+        # (kubecontrollersconfig.go validateAndFillDefaults).
         return Declared(enabled=True, source="KubeControllersConfiguration default (absent: "
                         "kube-controllers creates it with prometheusMetricsPort 9094)",
                         port=KUBE_CONTROLLERS_DEFAULT_PORT, port_source="client default (9094)",
@@ -298,13 +378,25 @@ def kube_controllers_declared(component: ComponentSnapshot,
     return kcc_port_declared(kcc, common)
 
 
+KCC_PORT_FIELD = "KubeControllersConfiguration default spec.prometheusMetricsPort"
+_OFF_PROBED = (f"0 is off (run.go Run: `if runCfg.PrometheusPort != 0`); probed on the default "
+               f"{KUBE_CONTROLLERS_DEFAULT_PORT}")
+
+
 def kcc_port_declared(kcc: KubeControllersConfig, common: Mapping[str, object]) -> Declared:
-    field = "KubeControllersConfiguration default spec.prometheusMetricsPort"
+    """What kube-controllers does with spec.prometheusMetricsPort as served. Off (nil or 0) has
+    no port of its own, so the probe checks the default 9094, where a stale pod or the next
+    update through a Calico client would open it."""
+    field = KCC_PORT_FIELD
     port = kcc.port
-    if port is None:
-        return Declared(enabled=False, source=f"{field} (absent: 0, off)", port=0,
-                        port_source=f"{field} (absent)", **common)  # type: ignore[arg-type]
+    if port is None:  # mergeConfig copies the port only when the pointer is non-nil
+        return Declared(enabled=False, source=f"{field} (absent: 0, off)",
+                        port=KUBE_CONTROLLERS_DEFAULT_PORT,
+                        port_source=f"{field} absent: {_OFF_PROBED}",
+                        **common)  # type: ignore[arg-type]
     if isinstance(port, float) and port.is_integer():
+        # The API server keeps a CR's JSON numbers as int64 or float64 and writes float64 9094
+        # back as `9094`: what kube-controllers decodes is the integer.
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int):
         return Declared(enabled=None, source=field, port=KUBE_CONTROLLERS_DEFAULT_PORT,
@@ -312,25 +404,69 @@ def kcc_port_declared(kcc: KubeControllersConfig, common: Mapping[str, object]) 
                         "kube-controllers cannot decode the resource",
                         **common)  # type: ignore[arg-type]
     if port == 0:
-        return Declared(enabled=False, source=field, port=0, port_source=field, raw="0",
+        return Declared(enabled=False, source=field, port=KUBE_CONTROLLERS_DEFAULT_PORT,
+                        port_source=f"{field} {_OFF_PROBED}", raw="0",
                         **common)  # type: ignore[arg-type]
     if not 0 < port <= 65535:
         return Declared(enabled=None, source=field, port=KUBE_CONTROLLERS_DEFAULT_PORT,
                         port_source=field, raw=str(port), reason=f"{field} is {port}, not a "
-                        "port: kube-controllers cannot listen there and exits",
+                        "port: kube-controllers' ListenAndServe fails and it exits",
                         **common)  # type: ignore[arg-type]
     return Declared(enabled=True, source=field, port=port, port_source=field, raw=str(port),
                     **common)  # type: ignore[arg-type]
 
 
-def _kc_datastore(env: Iterable[EnvVar]) -> str | None:
-    """DATASTORE_TYPE as kube-controllers' envconfig reads it (kube-controllers/pkg/config/
-    config.go `DatastoreType`, default etcdv3 upstream; the manifests set kubernetes)."""
-    value: str | None = None
+def _kc_env(env: Iterable[EnvVar], name: str) -> EnvVar | None:
+    """The entry os.LookupEnv(name) finds: the exact name, the later duplicate winning."""
+    found: EnvVar | None = None
     for e in env:
-        if e.name == "DATASTORE_TYPE" and e.value:
-            value = e.value
-    return value if value is not None else None
+        if e.name == name:
+            found = e
+    return found
+
+
+def _kc_datastore(env: Iterable[EnvVar]) -> tuple[str | None, str]:
+    """(datastore, why) as kube-controllers' Calico client picks it (libcalico-go/lib/apiconfig
+    load.go `LoadClientConfigFromEnvironment`: envconfig with prefix `calico`, so
+    CALICO_DATASTORE_TYPE, else DATASTORE_TYPE; `applyConfigDefaults`: when that is empty,
+    etcdv3 if CALICO_ETCD_ENDPOINTS / ETCD_ENDPOINTS is set, else kubernetes). None: an
+    entry that decides it cannot be read."""
+    env = list(env)
+    entry = _kc_env(env, "CALICO_DATASTORE_TYPE") or _kc_env(env, "DATASTORE_TYPE")
+    if entry is not None:
+        if entry.error:
+            return None, f"env {entry.name} ({entry.origin}) cannot be read: {entry.error}"
+        if entry.value:
+            return entry.value, f"env {entry.name}={entry.value}"
+    endpoints = _kc_env(env, "CALICO_ETCD_ENDPOINTS") or _kc_env(env, "ETCD_ENDPOINTS")
+    if endpoints is not None:
+        if endpoints.error:
+            return None, (f"env {endpoints.name} ({endpoints.origin}) cannot be read: "
+                          f"{endpoints.error}")
+        if endpoints.value:
+            return "etcdv3", f"env {endpoints.name} (no datastore type: etcdv3)"
+    return "kubernetes", "kubernetes (the default)"
+
+
+def _kc_flannel_migration(env: Iterable[EnvVar]) -> Callable[[Mapping[str, object]],
+                                                             Declared] | None:
+    """run.go `Run`: ENABLED_CONTROLLERS containing `flannelmigration` runs only the Flannel
+    migration controller, whose run config has no metrics port (off); with any other
+    controller beside it kube-controllers exits (Fatal). Either way nothing listens."""
+    entry = _kc_env(env, "ENABLED_CONTROLLERS")
+    if entry is None or entry.error or "flannelmigration" not in (entry.value or ""):
+        return None
+    alone = (entry.value or "").strip(" ,") == "flannelmigration"
+    source = (f"env ENABLED_CONTROLLERS={entry.value} (Flannel migration mode: no metrics "
+              "server)" if alone else f"env ENABLED_CONTROLLERS={entry.value} "
+              "(flannelmigration with other controllers: kube-controllers exits)")
+
+    def declare(common: Mapping[str, object]) -> Declared:
+        return Declared(enabled=False, source=source, port=KUBE_CONTROLLERS_DEFAULT_PORT,
+                        port_source=f"no metrics server; probed on the default "
+                        f"{KUBE_CONTROLLERS_DEFAULT_PORT}", raw=entry.value,
+                        **common)  # type: ignore[arg-type]
+    return declare
 
 
 def declared_for(component: ComponentSnapshot, pod: ComponentPod | None,

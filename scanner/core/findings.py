@@ -149,7 +149,9 @@ RULES: dict[str, Rule] = {
         Rule("TYPHA-CONFIG-UNRESOLVED", "high",
              "Typha's declared metrics setting could not be determined",
              "Make the winning source readable to the scanner (the ConfigMap or Secret named in "
-             "the evidence, or the config file's volume), then scan again."),
+             "the evidence, or the config file's volume), or keep one spelling of the parameter "
+             "where the evidence names several (which one Typha takes is random), then scan "
+             "again."),
         Rule("TYPHA-CONFIG-INVALID-VALUE", "low",
              "A Typha metrics setting holds a value Typha does not accept",
              "Typha logs the value as invalid and uses false, but a typo hides intent: set an "
@@ -175,7 +177,9 @@ RULES: dict[str, Rule] = {
         Rule("KUBE-CONTROLLERS-CONFIG-UNRESOLVED", "high",
              "calico-kube-controllers' declared metrics port could not be determined",
              "Let the scanner get KubeControllersConfiguration `default` (see the evidence for "
-             "why it could not), then scan again."),
+             "why it could not); where kube-controllers reads it from etcd "
+             "(DATASTORE_TYPE=etcdv3), check its prometheusMetricsPort with `calicoctl get "
+             "kubecontrollersconfiguration default -o yaml`. Then scan again."),
         Rule("KUBE-CONTROLLERS-METRICS-PORT-ABSENT", "low",
              "KubeControllersConfiguration default has no prometheusMetricsPort",
              "kube-controllers reads an absent port as 0 (off), but every update through a "

@@ -28,11 +28,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from scanner import __version__
 from scanner.core.errors import SchemaMismatch, StoreError
-from scanner.core.records import ClusterResult, NodeResult
+from scanner.core.records import (
+    FELIX,
+    ClusterResult,
+    ComponentSnapshot,
+    ControlResult,
+    NodeResult,
+)
 from scanner.core.waivers import waiver_json
 from scanner.db.models import (
     ClusterScan,
+    ControlScan,
     DailyClusterSummary,
+    DailyControlSummary,
     FindingRow,
     NodeProbe,
     NodeState,
@@ -275,24 +283,32 @@ class Store:
             )
             s.add(row)
             s.flush()
+            controls = result_controls(result)
+            s.execute(insert(ControlScan), [_control_row(row, c) for c in controls])
             ready = {n.name: n.ready for n in result.snapshot.nodes} if result.snapshot else {}
-            probes = [_probe_row(row.id, n, ready.get(n.node)) for n in result.nodes]
+            # Felix's nodes, then the other controls' targets (a pod's node and address).
+            probes = [_probe_row(row.id, n, ready.get(n.node), FELIX) for n in result.nodes]
+            probes += [_probe_row(row.id, t, ready.get(t.node), c.control)
+                       for c in controls if c.control != FELIX for t in c.targets]
             if probes:
                 s.execute(insert(NodeProbe), probes)
             findings = [{"cluster_scan_id": row.id, "finding_id": f.id, "severity": f.severity,
                          "node": f.node, "message": f.message, "evidence": dict(f.evidence),
-                         "remediation": f.remediation, "waiver": f.waiver}
+                         "remediation": f.remediation, "waiver": f.waiver,
+                         "control": f.control}
                         for f in result.findings]
             if findings:
                 s.execute(insert(FindingRow), findings)
-            self._roll_up(s, row, result)
+            self._roll_up(s, row, result, controls)
             if lock is not None:
                 # Last, so that a new holder's takeover waits for no more than the commit.
                 lock.fence(s.connection())
             return row.id
 
-    def _roll_up(self, s: Session, row: ClusterScan, result: ClusterResult) -> None:
-        """Update the day's summary and every node's state, in the scan's own transaction.
+    def _roll_up(self, s: Session, row: ClusterScan, result: ClusterResult,
+                 controls: tuple[ControlResult, ...]) -> None:
+        """Update the day's summaries (the cluster's and each control's) and every Felix
+        node's state, in the scan's own transaction.
 
         Written as upserts whose conditions ignore a scan older than what is already there, so
         scans stored out of order (a late agent) never roll a newer state back.
@@ -313,6 +329,19 @@ class Store:
                             "passing", "failing", "unknown", "waived")}
         s.execute(stmt.on_conflict_do_update(index_elements=["cluster", "day"],
                                              set_={"scans": t.scans + 1, **latest}))
+        control_stmt = upsert(DailyControlSummary)
+        ct = DailyControlSummary.__table__.c
+        cx = control_stmt.excluded
+        newer_control = cx.last_started_at >= ct.last_started_at
+        s.execute(control_stmt.on_conflict_do_update(
+            index_elements=["cluster", "control", "day"],
+            set_={"scans": ct.scans + 1,
+                  **{k: case((newer_control, getattr(cx, k)), else_=getattr(ct, k))
+                     for k in ("last_cluster_scan_id", "last_started_at", "status", "targets",
+                               "passing", "failing", "unknown", "waived")}}),
+            [{"cluster": result.cluster, "control": c.control, "day": day, "scans": 1,
+              "last_cluster_scan_id": row.id, "last_started_at": when, "status": c.status,
+              "targets": len(c.targets), **_counts(c.targets)} for c in controls])
         if not result.nodes:
             return
         n = NodeState.__table__.c
@@ -374,7 +403,46 @@ class Store:
                                   .limit(limit)))
 
 
-def _probe_row(cluster_scan_id: int, node: NodeResult, ready: bool | None) -> dict[str, Any]:
+def result_controls(result: ClusterResult) -> tuple[ControlResult, ...]:
+    """The result's controls; for a result without any (an older caller), Felix's alone, made
+    of the result's own status, declared state, nodes and findings."""
+    if result.controls:
+        return result.controls
+    snap = result.snapshot
+    return (ControlResult(control=FELIX, status=result.status, declared=result.declared,
+                          targets=result.nodes, findings=result.findings, error=result.error,
+                          installed=True, namespace=snap.namespace if snap else None,
+                          workload=snap.daemonset if snap else None,
+                          image=snap.image if snap else None),)
+
+
+def _counts(targets: tuple[NodeResult, ...]) -> dict[str, int]:
+    verdicts = [t.verdict for t in targets]
+    return {"passing": verdicts.count("pass"), "failing": verdicts.count("fail"),
+            "unknown": verdicts.count("unknown"), "waived": verdicts.count("waived")}
+
+
+def _control_row(scan: ClusterScan, control: ControlResult) -> dict[str, Any]:
+    declared, counts = control.declared, _counts(control.targets)
+    felix = control.control == FELIX  # where it is, when the control does not say: the scan's
+    return {
+        "cluster_scan_id": scan.id, "control": control.control,
+        "status": control.status, "installed": control.installed,
+        "declared_enabled": declared.enabled if declared else None,
+        "declared_source": declared.source if declared else None,
+        "declared_port": declared.port if declared else None,
+        "declared_host": declared.host if declared else None,
+        "error": control.error, "targets_total": len(control.targets),
+        "targets_pass": counts["passing"], "targets_fail": counts["failing"],
+        "targets_unknown": counts["unknown"], "targets_waived": counts["waived"],
+        "namespace": control.namespace or (scan.namespace if felix else None),
+        "workload": control.workload or (scan.daemonset if felix else None),
+        "image": control.image or (scan.image if felix else None),
+    }
+
+
+def _probe_row(cluster_scan_id: int, node: NodeResult, ready: bool | None,
+               control: str) -> dict[str, Any]:
     declared, probe = node.declared, node.probe
     tls = probe.tls
     return {
@@ -394,6 +462,7 @@ def _probe_row(cluster_scan_id: int, node: NodeResult, ready: bool | None) -> di
         if len(node.probes) > 1 else None,
         "declared_host": declared.host,
         "node_view": node.view.as_json() if node.view else None,
+        "control": control, "pod": declared.pod,
     }
 
 
@@ -435,7 +504,31 @@ def snapshot_summary(result: ClusterResult) -> dict[str, Any]:
                      "host": result.declared.host, "client_auth": result.declared.client_auth,
                      "felix_version": result.declared.felix_version}
         if result.declared else None,
+        **({"components": {c: _component_summary(comp) for c, comp in snap.components.items()}}
+           if snap.components else {}),
     }
+
+
+def _component_summary(comp: ComponentSnapshot) -> dict[str, Any]:
+    """A Typha or kube-controllers Deployment as read: where, how many, which pods where (no
+    env: its values are in the control's declared state, never a Secret's)."""
+    kcc = comp.kcc
+    return {
+        "namespace": comp.namespace, "deployment": comp.deployment,
+        "container": comp.container, "found": comp.found, "image": comp.image,
+        "replicas": comp.replicas, "ready_replicas": comp.ready_replicas,
+        "pods": [{"name": p.name, "node": p.node, "ip": p.pod_ip,
+                  "host_network": p.host_network, "phase": p.phase, "ready": p.ready}
+                 for p in comp.pods],
+        "kcc": {"exists": kcc.exists, "port": _json_scalar(kcc.port), "error": kcc.error,
+                "resource_version": kcc.resource_version} if kcc else None,
+        "error": comp.error,
+    }
+
+
+def _json_scalar(value: object) -> object:
+    """A value as served (any JSON), kept when it is a plain scalar, else as its text."""
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
 def _db_reason(exc: BaseException) -> str:

@@ -24,6 +24,12 @@ Kinds (the `kind` argument of `NodeFleet.add`):
   tls-wildcard Felix over TLS with a wildcard certificate (CN and SAN *.nodes.example)
   tls-nosubject  Felix over TLS with a certificate whose subject and issuer are empty
   tls-longchain  Felix over TLS presenting a chain of LONG_CHAIN certificates
+  typha-http   Typha's metrics (`typha_*`) over plain HTTP (Typha's port 9093, host network)
+  typha-tls    Typha's metrics over HTTPS (a metrics certificate or key file set, v3.32+)
+  kube-controllers-http  calico-kube-controllers' metrics (`ipam_*`) over plain HTTP (9094)
+
+Typha and kube-controllers listeners are usually managed by `scanner.emulator.components`,
+which opens and closes them as the component's declared configuration says.
 """
 
 from __future__ import annotations
@@ -66,7 +72,9 @@ __all__ = [
     "Request",
     "address_for",
     "felix_metrics",
+    "kube_controllers_metrics",
     "other_metrics",
+    "typha_metrics",
 ]
 
 KINDS = frozenset(
@@ -89,9 +97,12 @@ KINDS = frozenset(
         "tls-wildcard",
         "tls-nosubject",
         "tls-longchain",
+        "typha-http",
+        "typha-tls",
+        "kube-controllers-http",
     }
 )
-_TLS_KINDS = frozenset({"felix-tls", "felix-mtls"})
+_TLS_KINDS = frozenset({"felix-tls", "felix-mtls", "typha-tls"})
 # Felix over TLS with odd certificates: one certificate (chain) per kind, shared by its nodes
 _ODD_TLS_KINDS = frozenset({"tls-expired", "tls-wildcard", "tls-nosubject", "tls-longchain"})
 LONG_CHAIN = 24  # certificates in tls-longchain's chain: leaf, intermediates, root
@@ -163,6 +174,55 @@ def felix_metrics(node_name: str) -> bytes:
     gauge("process_open_fds", "Number of open file descriptors.", 41)
     gauge("process_resident_memory_bytes", "Resident memory size in bytes.", 9.4e7)
     gauge("process_start_time_seconds", "Start time of the process since unix epoch.", 1.75e9)
+    return generate_latest(registry)
+
+
+def typha_metrics(node_name: str) -> bytes:
+    """A Typha-style /metrics body: `typha_*` metrics (typha/pkg/syncserver, snapcache)."""
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, value: float, **labels: str) -> None:
+        metric = Gauge(name, doc, list(labels), registry=registry)
+        (metric.labels(**labels) if labels else metric).set(value)
+
+    gauge("typha_connections_accepted", "Total number of connections accepted over time.", 251)
+    gauge("typha_connections_active", "Number of open client connections.", 250)
+    gauge("typha_connections_dropped", "Total number of connections dropped due to rebalancing.",
+          0)
+    gauge("typha_snapshots_generated", "Number of snapshots generated.", 37)
+    gauge("typha_snapshots_reused", "Number of snapshots sent to clients, reused.", 214)
+    gauge("typha_breadcrumb_seq_number", "Current (server-local) sequence number; number of "
+          "snapshot deltas processed.", 90210, syncer="felix")
+    gauge("typha_cache_size", "Number of key/value pairs in Typha's in-memory cache.", 5120,
+          syncer="felix")
+    gauge("typha_updates_total", "Total number of updates received from the Syncer.", 183002)
+    gauge("typha_log_errors", "Number of errors encountered while logging.", 0)
+    gauge("go_goroutines", "Number of goroutines that currently exist.", 1340)
+    gauge("process_open_fds", "Number of open file descriptors.", 262)
+    gauge("process_start_time_seconds", "Start time of the process since unix epoch.", 1.75e9)
+    del node_name  # Typha's metrics carry no host label
+    return generate_latest(registry)
+
+
+def kube_controllers_metrics() -> bytes:
+    """A calico-kube-controllers /metrics body: its IPAM gauges (`ipam_*`,
+    kube-controllers/pkg/controllers/node/ipam.go) plus the Go client's."""
+    registry = CollectorRegistry()
+    in_use = Gauge("ipam_allocations_in_use", "IPs currently allocated in IPAM to a workload "
+                   "or tunnel endpoint.", ["ippool", "node"], registry=registry)
+    blocks = Gauge("ipam_blocks", "IPAM blocks currently allocated for nodes.",
+                   ["ippool", "node"], registry=registry)
+    for n in range(3):
+        in_use.labels(ippool="default-ipv4-ippool", node=f"worker-{n}").set(12 + n)
+        blocks.labels(ippool="default-ipv4-ippool", node=f"worker-{n}").set(1)
+    size = Gauge("ipam_ippool_size", "Total number of addresses in the IP Pool.", ["ippool"],
+                 registry=registry)
+    size.labels(ippool="default-ipv4-ippool").set(65536)
+    Gauge("ipam_allocations_borrowed", "IPs currently allocated for a workload or tunnel "
+          "endpoint, where the IP belongs to an affine block of another node.",
+          ["ippool", "node"], registry=registry)
+    Gauge("go_goroutines", "Number of goroutines that currently exist.", registry=registry
+          ).set(96)
     return generate_latest(registry)
 
 
@@ -356,6 +416,10 @@ class NodeFleet:
         node = EmulatedNode(address=address, port=port, kind=kind, node_name=name, delay=delay)
         if kind.startswith(("felix-", "tls-")) or kind in ("endless", "drip", "reset-mid"):
             node.body = felix_metrics(name)
+        elif kind.startswith("typha-"):
+            node.body = typha_metrics(name)
+        elif kind == "kube-controllers-http":
+            node.body = kube_controllers_metrics()
         elif kind == "other":
             node.body = other_metrics()
         if kind in _TLS_KINDS:
@@ -380,6 +444,17 @@ class NodeFleet:
         node.shut = True
         if self._loop is not None:
             self._call(self._close(node))
+
+    def remove(self, address: str, port: int = 9091) -> bool:
+        """Close the listener on address:port (if any) and forget it, so that the address and
+        port may be given a listener again (`add`); False when there was none."""
+        node = self._nodes.pop((address, port), None)
+        if node is None:
+            return False
+        node.shut = True
+        if self._loop is not None:
+            self._call(self._close(node))
+        return True
 
     def start(self) -> None:
         if self._loop is not None:

@@ -338,19 +338,30 @@ def _typha_stand_in(param: str, value: str) -> str:
     return "none" if not parsed else "<set>"
 
 
+# What decides kube-controllers' datastore (libcalico-go/lib/apiconfig/load.go
+# `LoadClientConfigFromEnvironment`) and whether it serves metrics at all (run.go `Run`:
+# flannel migration mode starts no metrics server).
+_KC_VARS = ("CALICO_DATASTORE_TYPE", "DATASTORE_TYPE", "CALICO_ETCD_ENDPOINTS", "ETCD_ENDPOINTS",
+            "ENABLED_CONTROLLERS")
+
+
 def _kc_relevant(env_name: str) -> str | None:
-    return "datastore_type" if env_name == "DATASTORE_TYPE" else None
+    return env_name.lower() if env_name in _KC_VARS else None
 
 
-def _kc_stand_in(_param: str, value: str) -> str:
-    return value if value in ("kubernetes", "etcdv3") else "<set>" if value else ""
+def _kc_stand_in(param: str, value: str) -> str:
+    if not value:
+        return ""
+    if param == "enabled_controllers":
+        return value if re.fullmatch(r"[a-z,]*", value) else "<set>"
+    return value if value in ("kubernetes", "etcdv3") else "<set>"
 
 
 _FELIX_ENV = _EnvProfile(_relevant, tuple(f"FELIX_{p.upper()}" for p in PARAMS),
                          _secret_stand_in)
 _TYPHA_ENV = _EnvProfile(_typha_relevant, tuple(f"TYPHA_{p.upper()}" for p in TYPHA_PARAMS),
                          _typha_stand_in)
-_KC_ENV = _EnvProfile(_kc_relevant, ("DATASTORE_TYPE",), _kc_stand_in)
+_KC_ENV = _EnvProfile(_kc_relevant, _KC_VARS, _kc_stand_in)
 
 
 class _PodReaders:

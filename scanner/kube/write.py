@@ -1,13 +1,18 @@
 """The remediation side of the Kubernetes door: reads whole objects and patches them.
 
 Besides `scanner.kube.read` (the read-only scanner), the only module that imports `kubernetes`,
-and only for remediation. It can touch exactly three kinds (the calico-node DaemonSet, a
-FelixConfiguration, the operator Installation) and only with PATCH: every write carries the
+and only for remediation. It can write exactly five kinds: the calico-node DaemonSet and the
+calico-typha Deployment the configuration names, a FelixConfiguration, the operator
+Installation, and KubeControllersConfiguration `default`. Every write is a PATCH carrying the
 caller's resourceVersion and uid preconditions (a conflict comes back as
-`ApiError(status=409)`, an object re-created under the same name as `ApiError(status=422)`)
-and `fieldManager=felixscan`; a dry run adds `dryRun=All`. Every answer must be the object
-asked for (kind, name, namespace, and for a patch the uid): an API that answers with another
-object is an error, never a new target. docs/remediation.md lists the verbs.
+`ApiError(status=409)`, an object re-created under the same name as `ApiError(status=422)`),
+except one: KubeControllersConfiguration `default` may be created when it does not exist
+(`create`, which fails with 409 AlreadyExists when it appeared meanwhile). Every write sends
+`fieldManager=felixscan`; a dry run adds `dryRun=All`. Besides the objects it may write it
+reads the calico-kube-controllers Deployment and lists pods in calico-node's namespace (to see
+kube-controllers restart). Every answer must be the object asked for (kind, name, namespace,
+and for a patch the uid): an API that answers with another object is an error, never a new
+target. docs/remediation.md lists the verbs.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from scanner.kube.client import (
     status_message,
 )
 
-PatchType = Literal["strategic", "merge"]
+PatchType = Literal["strategic", "merge", "json"]
 FIELD_MANAGER = "felixscan"
 _CONTENT_TYPES: dict[PatchType, str] = {
     "strategic": "application/strategic-merge-patch+json",
     "merge": "application/merge-patch+json",
+    "json": "application/json-patch+json",
 }
 # (apiVersion, kind) -> (group, version, plural) for the custom resources remediation may patch
 _CUSTOM = {
@@ -44,8 +50,15 @@ _CUSTOM = {
     ("projectcalico.org/v3", "FelixConfiguration"):
         ("projectcalico.org", "v3", "felixconfigurations"),
     ("operator.tigera.io/v1", "Installation"): ("operator.tigera.io", "v1", "installations"),
+    ("crd.projectcalico.org/v1", "KubeControllersConfiguration"):
+        ("crd.projectcalico.org", "v1", "kubecontrollersconfigurations"),
+    ("projectcalico.org/v3", "KubeControllersConfiguration"):
+        ("projectcalico.org", "v3", "kubecontrollersconfigurations"),
 }
 DAEMONSET = ("apps/v1", "DaemonSet")
+DEPLOYMENT = ("apps/v1", "Deployment")
+KCC = "KubeControllersConfiguration"
+KCC_NAME = "default"  # kube-controllers reads this one only (runconfig.go)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +109,9 @@ class KubeWriter:
         if (ref.api_version, ref.kind) == DAEMONSET:
             doc = self.api.get(f"GET {ref}", self.api.apps.read_namespaced_daemon_set,
                                ref.name, ref.namespace)
+        elif (ref.api_version, ref.kind) == DEPLOYMENT:
+            doc = self.api.get(f"GET {ref}", self.api.apps.read_namespaced_deployment,
+                               ref.name, ref.namespace)
         else:
             group, version, plural = _custom(ref)
             doc = self.api.get(f"GET {ref}", self.api.custom.get_cluster_custom_object,
@@ -107,40 +123,67 @@ class KubeWriter:
                                "patch could be tied to this object")
         return doc
 
-    def _allowed(self, ref: ObjectRef) -> None:
-        """Only the calico-node DaemonSet the configuration names, wherever a name came from.
+    def _allowed(self, ref: ObjectRef, *, write: bool = False) -> None:
+        """Only the workloads the configuration names, wherever a name came from.
 
         The scan takes the DaemonSet's name from the API's answer; an answer naming another
-        DaemonSet must not make remediation patch that one.
+        DaemonSet must not make remediation patch that one. Deployments: calico-typha (read
+        and written) and calico-kube-controllers (read only); KubeControllersConfiguration:
+        `default` only.
         """
-        if (ref.api_version, ref.kind) != DAEMONSET:
-            _custom(ref)
-            return
+        kind = (ref.api_version, ref.kind)
         calico = self.settings.calico
         namespaces = ((calico.namespace,) if calico.namespace
                       else (MANIFEST_NAMESPACE, OPERATOR_NAMESPACE))
-        if ref.name != calico.daemonset or ref.namespace not in namespaces:
-            raise RemediationRefused(
-                f"remediation only touches the DaemonSet the configuration names "
-                f"(calico.daemonset: {calico.daemonset}, in {' or '.join(namespaces)}), never "
-                f"{ref}: the scan took that name from the API's answer to its GET of "
-                f"{calico.daemonset} (or an older configuration named it)")
+        if kind == DAEMONSET:
+            if ref.name != calico.daemonset or ref.namespace not in namespaces:
+                raise RemediationRefused(
+                    f"remediation only touches the DaemonSet the configuration names "
+                    f"(calico.daemonset: {calico.daemonset}, in {' or '.join(namespaces)}), "
+                    f"never {ref}: the scan took that name from the API's answer to its GET of "
+                    f"{calico.daemonset} (or an older configuration named it)")
+            return
+        if kind == DEPLOYMENT:
+            names = (calico.typha,) if write else (calico.typha, calico.kube_controllers)
+            if ref.name not in names or ref.namespace not in namespaces:
+                raise RemediationRefused(
+                    f"remediation only {'patches' if write else 'reads'} the Deployment"
+                    f"{'s' if len(names) > 1 else ''} the configuration names "
+                    f"({', '.join(names)}, in {' or '.join(namespaces)}), never {ref}")
+            return
+        _custom(ref)
+        if ref.kind == KCC and ref.name != KCC_NAME:
+            raise RemediationRefused(f"remediation only touches KubeControllersConfiguration "
+                                     f"{KCC_NAME}, never {ref}")
 
-    def patch(self, ref: ObjectRef, body: Mapping[str, Any], *, patch_type: PatchType,
-              dry_run: bool) -> dict[str, Any]:
+    def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The pods of calico-node's namespace that match `selector` (matchLabels), read-only
+        (remediation watches kube-controllers restart with this)."""
+        calico = self.settings.calico
+        namespaces = ((calico.namespace,) if calico.namespace
+                      else (MANIFEST_NAMESPACE, OPERATOR_NAMESPACE))
+        if namespace not in namespaces or not selector:
+            raise RemediationRefused(f"remediation only lists pods by a selector in "
+                                     f"{' or '.join(namespaces)}, never in {namespace}")
+        self._renew()
+        text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        items = self.api.list(f"LIST pods in {namespace} ({text})",
+                              self.api.core.list_namespaced_pod, namespace, label_selector=text)
+        return list(items or [])
+
+    def patch(self, ref: ObjectRef, body: Mapping[str, Any] | list[dict[str, Any]], *,
+              patch_type: PatchType, dry_run: bool) -> dict[str, Any]:
         """PATCH one object; returns the object the server answered (the would-be object for
         a dry run). Not retried here: the caller re-reads and re-plans on a 409.
 
         `body` must carry `metadata.resourceVersion` and `metadata.uid` of the object it was
         planned from: the API server then applies it to that object only (409 when it changed
-        since, 422 when another object now has its name).
+        since, 422 when another object now has its name). A JSON patch (a list of operations)
+        carries them as `test` of /metadata/uid and `replace` of /metadata/resourceVersion,
+        first.
         """
-        self._allowed(ref)
-        meta = body.get("metadata")
-        uid = str(meta.get("uid") or "") if isinstance(meta, Mapping) else ""
-        if not uid or not (isinstance(meta, Mapping) and meta.get("resourceVersion")):
-            raise ValueError(f"a patch of {ref} must carry metadata.resourceVersion and "
-                             "metadata.uid preconditions")
+        self._allowed(ref, write=True)
+        uid = _preconditions(ref, body, patch_type)
         self._renew()
         what = f"PATCH {ref}" + (" (dry run)" if dry_run else "")
         kwargs: dict[str, Any] = {
@@ -151,14 +194,46 @@ class KubeWriter:
         }
         if dry_run:
             kwargs["dry_run"] = "All"
-        if (ref.api_version, ref.kind) == DAEMONSET:
+        sent: Any = list(body) if isinstance(body, list) else dict(body)
+        if (ref.api_version, ref.kind) in (DAEMONSET, DEPLOYMENT):
             if patch_type != "strategic":
-                raise ValueError("the DaemonSet is patched with a strategic merge patch")
-            method: Any = self.api.apps.patch_namespaced_daemon_set
-            args: tuple[Any, ...] = (ref.name, ref.namespace, dict(body))
+                raise ValueError(f"the {ref.kind} is patched with a strategic merge patch")
+            method: Any = (self.api.apps.patch_namespaced_daemon_set
+                           if ref.kind == "DaemonSet"
+                           else self.api.apps.patch_namespaced_deployment)
+            args: tuple[Any, ...] = (ref.name, ref.namespace, sent)
         else:
+            if patch_type == "strategic":
+                raise ValueError("custom resources take no strategic merge patch")
             method = self.api.custom.patch_cluster_custom_object
-            args = (*_custom(ref), ref.name, dict(body))
+            args = (*_custom(ref), ref.name, sent)
+        return self._send(what, ref, method, args, kwargs, uid=uid)
+
+    def create(self, ref: ObjectRef, body: Mapping[str, Any], *,
+               dry_run: bool) -> dict[str, Any]:
+        """POST KubeControllersConfiguration `default` (the one object remediation may create,
+        when it does not exist); 409 AlreadyExists when it appeared meanwhile."""
+        self._allowed(ref, write=True)
+        if ref.kind != KCC:
+            raise RemediationRefused(f"remediation creates no {ref.kind} ({ref})")
+        meta = body.get("metadata")
+        if not (isinstance(meta, Mapping) and meta.get("name") == ref.name
+                and body.get("kind") == ref.kind and body.get("apiVersion") == ref.api_version):
+            raise ValueError(f"the body to create must be {ref} itself")
+        self._renew()
+        what = f"CREATE {ref}" + (" (dry run)" if dry_run else "")
+        kwargs: dict[str, Any] = {
+            "field_manager": FIELD_MANAGER,
+            "_preload_content": False,
+            "_request_timeout": (min(self.api.timeout, 5.0), self.api.timeout),
+        }
+        if dry_run:
+            kwargs["dry_run"] = "All"
+        return self._send(what, ref, self.api.custom.create_cluster_custom_object,
+                          (*_custom(ref), dict(body)), kwargs, uid=None)
+
+    def _send(self, what: str, ref: ObjectRef, method: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any], *, uid: str | None) -> dict[str, Any]:
         self.api.requests += 1
         try:
             data = method(*args, **kwargs).data
@@ -170,7 +245,8 @@ class KubeWriter:
                 raise ApiForbidden(f"{what}: {status} {status_message(exc)}",
                                    status=status) from None
             message = status_message(exc)
-            if status == 422 and "metadata.uid" in message:
+            if status == 422 and uid and ("metadata.uid" in message
+                                          or "/metadata/uid" in message):
                 raise ApiError(f"{what}: {ref} is no longer the object the change was planned "
                                f"from (uid {uid}): it was deleted and created again; nothing "
                                f"was changed ({status} {message})", status=status) from None
@@ -187,6 +263,29 @@ class KubeWriter:
             raise ApiError(f"{what}: expected a JSON object, got {type(doc).__name__}")
         _check_identity(what, ref, doc, uid=uid)
         return doc
+
+
+def _preconditions(ref: ObjectRef, body: Mapping[str, Any] | list[dict[str, Any]],
+                   patch_type: PatchType) -> str:
+    """The uid the patch is tied to; ValueError when it lacks either precondition."""
+    missing = ValueError(f"a patch of {ref} must carry metadata.resourceVersion and "
+                         "metadata.uid preconditions")
+    if patch_type == "json":
+        if not isinstance(body, list) or len(body) < 2:
+            raise missing
+        first, second = body[0], body[1]
+        if not (first.get("op") == "test" and first.get("path") == "/metadata/uid"
+                and first.get("value") and second.get("op") == "replace"
+                and second.get("path") == "/metadata/resourceVersion" and second.get("value")):
+            raise missing
+        return str(first["value"])
+    if not isinstance(body, Mapping):
+        raise missing
+    meta = body.get("metadata")
+    uid = str(meta.get("uid") or "") if isinstance(meta, Mapping) else ""
+    if not uid or not (isinstance(meta, Mapping) and meta.get("resourceVersion")):
+        raise missing
+    return uid
 
 
 def _check_identity(what: str, ref: ObjectRef, doc: Mapping[str, Any], *,
@@ -212,6 +311,6 @@ def _custom(ref: ObjectRef) -> tuple[str, str, str]:
     try:
         return _CUSTOM[(ref.api_version, ref.kind)]
     except KeyError:
-        # The door itself keeps remediation to its three kinds, whatever a caller asks.
+        # The door itself keeps remediation to its kinds, whatever a caller asks.
         raise RemediationRefused(f"remediation never touches {ref.api_version} {ref.kind} "
                                  f"objects ({ref})") from None

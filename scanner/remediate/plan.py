@@ -1,28 +1,53 @@
-"""Planning (pure where it can be): which sources Felix's precedence says to change, and the exact
-patches, including the ones that restore the values recorded before an action.
+"""Planning (pure where it can be): which sources each component's own precedence says to
+change (Felix's, Typha's, kube-controllers'), and the exact patches, including the ones that
+restore the values recorded before an action.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from scanner.core.calico import ENABLED, PORT, felix_param, resolve, resolve_nodes
+from scanner.core.components import (
+    KUBE_CONTROLLERS_DEFAULT_PORT,
+    kube_controllers_declared,
+    resolve_typha,
+    typha_param,
+)
 from scanner.core.errors import RemediationError, RemediationRefused
-from scanner.core.records import ClusterResult, ClusterSnapshot, Declared, EnvVar
+from scanner.core.records import (
+    CONTROL_IDS,
+    FELIX,
+    KUBE_CONTROLLERS,
+    TYPHA,
+    ClusterResult,
+    ClusterSnapshot,
+    ComponentSnapshot,
+    Declared,
+    EnvVar,
+)
 from scanner.kube.write import KubeWriter, ObjectRef, PatchType
 from scanner.remediate.records import (
     ANNOTATION,
+    CONTROL_ORDER,
     ENV,
     ENV_VAR,
+    JSON_PATCH_FIELDS,
+    KCC_KIND,
     OPERATOR_API,
     REMOVE,
     SPEC_ENABLED,
+    SPEC_KCC_PORT,
     SPEC_METRICS_PORT,
+    SPEC_TYPHA_METRICS_PORT,
+    TYPHA_ENV_VAR,
     ObjectChange,
+    control_status,
     show,
 )
 
@@ -32,15 +57,71 @@ log = logging.getLogger(__name__)
 # --- planning: which sources to change (pure) ------------------------------------------------
 
 
+FixKind = Literal["DaemonSet", "FelixConfiguration", "Installation", "Deployment",
+                  "KubeControllersConfiguration"]
+
+
 @dataclass(frozen=True, slots=True)
 class Fix:
     """One field to set on one object, and why (planning's output before objects are read)."""
 
-    kind: Literal["DaemonSet", "FelixConfiguration", "Installation"]
+    kind: FixKind
     name: str
     field: str
     value: Any  # REMOVE deletes the field
     reason: str
+    control: str = FELIX
+
+
+def select_controls(before: ClusterResult, requested: Sequence[str] | None) -> tuple[str, ...]:
+    """The controls a remediation works on: those asked for (each must be one the cluster
+    checks), else every checked control that is not compliant, in CONTROL_IDS order."""
+    snapshot = snapshot_of(before)
+    checked = tuple(c for c in CONTROL_IDS if c in snapshot.controls)
+    if requested:
+        unknown = [c for c in requested if c not in CONTROL_IDS]
+        if unknown:
+            raise RemediationRefused(f"no such control: {', '.join(unknown)} (controls: "
+                                     f"{', '.join(CONTROL_IDS)})")
+        unchecked = [c for c in requested if c not in checked]
+        if unchecked:
+            raise RemediationRefused(
+                f"cluster {before.cluster} does not check {', '.join(unchecked)} (its controls:"
+                f" {', '.join(checked)}); nothing was read about it, so nothing is changed")
+        return tuple(c for c in CONTROL_IDS if c in requested)
+    return tuple(c for c in checked if control_status(before, c) != "compliant")
+
+
+def plan_controls(snapshot: ClusterSnapshot, controls: Sequence[str], *,
+                  explicit: bool) -> tuple[tuple[Fix, ...], tuple[str, ...]]:
+    """The fixes of every control in `controls`, least disruptive control first.
+
+    Any refusal refuses the whole plan (nothing is changed), the message naming the control.
+    A component that could not be read is skipped with a note when the control was picked by
+    default (it is an error of the scan, not a setting), and refused when it was asked for.
+    """
+    fixes: list[Fix] = []
+    notes: list[str] = []
+    for control in CONTROL_ORDER:
+        if control not in controls:
+            continue
+        component = snapshot.components.get(control)
+        try:
+            if control == FELIX:
+                found, said = plan_fixes(snapshot)
+            elif control == TYPHA:
+                found, said = plan_typha(snapshot)
+            else:
+                found, said = plan_kube_controllers(snapshot)
+        except RemediationError as exc:
+            if not explicit and component is not None and component.error:
+                notes.append(f"{control}: not changed: {component.error}")
+                continue
+            cls = type(exc)
+            raise cls(f"{control}: {exc}") from None
+        fixes.extend(found)
+        notes.extend(f"{control}: {n}" for n in said)
+    return tuple(fixes), tuple(notes)
 
 
 def plan_fixes(snapshot: ClusterSnapshot) -> tuple[tuple[Fix, ...], tuple[str, ...]]:
@@ -141,6 +222,154 @@ def _fixes_for(snap: ClusterSnapshot, source: str, declared: Declared,
                              "change it by hand")
 
 
+# --- planning: Typha and kube-controllers (pure) ---------------------------------------------
+
+
+def _component(snapshot: ClusterSnapshot, control: str) -> ComponentSnapshot:
+    component = snapshot.components.get(control)
+    if component is None:
+        raise RemediationRefused(f"cluster {snapshot.cluster} does not check {control}")
+    if component.error:
+        raise RemediationError(f"it cannot be read, so no change can be planned: "
+                               f"{component.error}")
+    return component
+
+
+def plan_typha(snapshot: ClusterSnapshot) -> tuple[tuple[Fix, ...], tuple[str, ...]]:
+    """The fields to change so that Typha's metrics are declared off (its Deployment template,
+    by Typha's own precedence: typha/pkg/config `resolve`).
+
+    Operator installs: the Installation's spec.typhaMetricsPort (the operator renders
+    TYPHA_PROMETHEUSMETRICSENABLED=true from it and reverts any Deployment edit). Manifest
+    installs: every env entry that sets the parameter, to "false" (or an entry added). Refused:
+    the config file as winner (felixscan does not edit it), an env the operator renders from
+    something else, a Deployment in an operator namespace without an Installation.
+    """
+    component = _component(snapshot, TYPHA)
+    if not component.found:
+        return (), (f"no Typha Deployment {component.namespace}/{component.deployment}: "
+                    "nothing to change",)
+    fixes: list[Fix] = []
+    env = list(component.env)
+    inst = snapshot.installation
+    if inst is not None and inst.typha_metrics_port is not None:
+        fixes.append(Fix("Installation", inst.name, SPEC_TYPHA_METRICS_PORT, REMOVE,
+                         f"Installation {inst.name} sets spec.typhaMetricsPort="
+                         f"{inst.typha_metrics_port}: the operator renders {TYPHA_ENV_VAR}=true "
+                         f"into {component.deployment}", control=TYPHA))
+        # What the operator renders without it (tigera/operator pkg/render/typha.go).
+        env = [e for e in env if typha_param(e.name) not in ("prometheusmetricsenabled",
+                                                             "prometheusmetricsport")]
+    declared = resolve_typha(env, component.config_file, image=component.image,
+                             config_path=_typha_config_path(component))
+    for _ in range(4):
+        if declared.enabled is False:
+            return tuple(fixes), ()
+        source = declared.source
+        if source.startswith("config file"):
+            raise RemediationRefused(_typha_file_refusal(component, declared))
+        if not source.startswith("env "):
+            break
+        if fixes and fixes[0].kind == "Installation":
+            raise RemediationRefused(
+                f"{source} would still enable Typha's metrics once the operator stops "
+                "rendering them from spec.typhaMetricsPort; felixscan cannot tell which "
+                "operator setting renders it")
+        if snapshot.install == "operator":
+            raise RemediationRefused(
+                f"{source} is on an operator-managed Deployment and the Installation sets no "
+                "typhaMetricsPort: the operator would revert an env patch, and felixscan "
+                "cannot tell which operator setting renders it; change it in the operator's "
+                "configuration")
+        if snapshot.install != "manifest":
+            raise RemediationRefused(
+                f"{source}: the Deployment {component.namespace}/{component.deployment} looks "
+                "operator-managed but no Installation was found; an env patch might be "
+                "reverted, so felixscan does not make one")
+        state = "enables Typha's metrics" if declared.enabled else \
+            f"leaves Typha's metrics state unknown ({declared.reason})"
+        reason = f"{source} {state} in the {component.deployment} Deployment template"
+        names = sorted({e.name for e in env if typha_param(e.name) == "prometheusmetricsenabled"
+                        and " " not in e.name}) or [TYPHA_ENV_VAR]
+        new = [Fix("Deployment", component.deployment, ENV + n, {"name": n, "value": "false"},
+                   reason, control=TYPHA) for n in names]
+        if all(any(f.field == n.field for f in fixes) for n in new):
+            break  # already set: no progress
+        fixes.extend(new)
+        env = [e for e in env if e.name not in names] + [
+            EnvVar(name=n, value="false", origin="literal") for n in names]
+        declared = resolve_typha(env, component.config_file, image=component.image,
+                                 config_path=_typha_config_path(component))
+    raise RemediationRefused(f"no change felixscan makes turns Typha's metrics off: "
+                             f"{declared.source}: {declared.reason or 'still on'}")
+
+
+def _typha_config_path(component: ComponentSnapshot) -> str:
+    cf = component.config_file
+    if cf is not None and cf.origin.startswith("path "):
+        return cf.origin.split(" ", 2)[1].rstrip(",")
+    return "/etc/calico/typha.cfg"
+
+
+def _typha_file_refusal(component: ComponentSnapshot, declared: Declared) -> str:
+    cf = component.config_file
+    origin = cf.origin if cf is not None else ""
+    found = re.search(r"(configmap|secret) ([^/\s]+)/([^\[\s]+)\[([^\]]+)\]", origin)
+    keys = ", ".join(dict.fromkeys(re.findall(r"\bkey ([A-Za-z0-9_.-]+)", declared.source))) \
+        or "PrometheusMetricsEnabled"
+    where = (f"{found.group(1).capitalize() if found.group(1) == 'secret' else 'ConfigMap'} "
+             f"{found.group(2)}/{found.group(3)}, key {found.group(4)}" if found
+             else f"the volume that provides {_typha_config_path(component)} ({origin})")
+    return (f"Typha's metrics are decided by its config file: {declared.source}. felixscan does "
+            f"not edit config files (other workloads may mount them, and Typha reads the file "
+            f"only when it starts): set {keys} to false (or remove it) in {where}, then "
+            f"restart the {component.deployment} Deployment "
+            f"(kubectl -n {component.namespace} rollout restart deployment/"
+            f"{component.deployment})")
+
+
+def plan_kube_controllers(snapshot: ClusterSnapshot) -> tuple[tuple[Fix, ...], tuple[str, ...]]:
+    """KubeControllersConfiguration `default` spec.prometheusMetricsPort set to 0, the one
+    source of kube-controllers' metrics port (runconfig.go `mergeConfig`): explicitly 0,
+    never removed, since libcalico-go's client fills an absent port with 9094 on every Create
+    and Update; the object is created (with 0) when it does not exist, since kube-controllers
+    would create it with 9094."""
+    component = _component(snapshot, KUBE_CONTROLLERS)
+    if not component.found:
+        return (), (f"no kube-controllers Deployment {component.namespace}/"
+                    f"{component.deployment}: nothing to change",)
+    declared = kube_controllers_declared(component)
+    if not declared.source.startswith("KubeControllersConfiguration"):
+        # Decided before kube-controllers reads the resource: its datastore, or the Flannel
+        # migration mode (kube-controllers_declared).
+        if declared.enabled is False:
+            return (), (f"{declared.source}: no metrics server runs; nothing to change",)
+        raise RemediationRefused(f"{declared.source}: {declared.reason}; felixscan changes "
+                                 "only a KubeControllersConfiguration in the Kubernetes API")
+    kcc = component.kcc
+    if kcc is None or kcc.error:
+        raise RemediationError(f"KubeControllersConfiguration default cannot be read: "
+                               f"{kcc.error if kcc is not None else 'it was not read'}")
+    port = kcc.port
+    if kcc.exists and isinstance(port, int) and not isinstance(port, bool) and port == 0:
+        return (), ("KubeControllersConfiguration default already sets "
+                    "spec.prometheusMetricsPort: 0",)
+    if not kcc.exists:
+        reason = ("KubeControllersConfiguration default does not exist: kube-controllers "
+                  f"creates it with prometheusMetricsPort {KUBE_CONTROLLERS_DEFAULT_PORT}")
+    elif port is None:
+        reason = ("KubeControllersConfiguration default has no spec.prometheusMetricsPort: off "
+                  "now, but any update through a Calico client fills in "
+                  f"{KUBE_CONTROLLERS_DEFAULT_PORT}")
+    else:
+        reason = (f"KubeControllersConfiguration default sets spec.prometheusMetricsPort="
+                  f"{show(port)}: " + ("kube-controllers serves its metrics there"
+                                       if declared.enabled else
+                                       declared.reason or "not a port kube-controllers can use"))
+    return (Fix("KubeControllersConfiguration", "default", SPEC_KCC_PORT, 0, reason,
+                control=KUBE_CONTROLLERS),), ()
+
+
 def _simulate(snap: ClusterSnapshot, fixes: Sequence[Fix]) -> ClusterSnapshot:
     env = list(snap.env)
     configs = list(snap.felix_configs)
@@ -170,43 +399,110 @@ def _simulate(snap: ClusterSnapshot, fixes: Sequence[Fix]) -> ClusterSnapshot:
 def _ref(snapshot: ClusterSnapshot, kind: str, name: str) -> ObjectRef:
     if kind == "DaemonSet":
         return ObjectRef("apps/v1", "DaemonSet", name, snapshot.namespace)
-    if kind == "FelixConfiguration":
-        return ObjectRef(snapshot.felix_group, kind, name)  # the group Felix reads
+    if kind == "Deployment":
+        component = snapshot.components.get(TYPHA)
+        return ObjectRef("apps/v1", "Deployment", name,
+                         component.namespace if component else snapshot.namespace)
+    if kind in ("FelixConfiguration", KCC_KIND):
+        return ObjectRef(snapshot.felix_group, kind, name)  # the group Calico's clients read
     return ObjectRef(OPERATOR_API, kind, name)
 
 
-_ORDER = {"FelixConfiguration": 0, "Installation": 1, "DaemonSet": 2}
+_ORDER = {KCC_KIND: 0, "FelixConfiguration": 0, "Installation": 1, "DaemonSet": 2,
+          "Deployment": 2}
 
 
 def materialize(snapshot: ClusterSnapshot, fixes: Sequence[Fix],
                  writer: KubeWriter) -> tuple[ObjectChange, ...]:
     """Read each object to change and build its patch from what it holds now.
 
-    FelixConfigurations first (Felix restarts in place), then the Installation, then the
-    DaemonSet: the changes that restart pods come last.
+    Control by control, the least disruptive first (CONTROL_ORDER); within a control the
+    configuration objects first (Felix restarts in place), then the Installation, then the
+    workload: the changes that restart pods come last. A KubeControllersConfiguration `default`
+    that does not exist is created.
     """
-    groups: dict[tuple[str, str], list[Fix]] = {}
+    groups: dict[tuple[str, str, str], list[Fix]] = {}
     for fix in fixes:
-        groups.setdefault((fix.kind, fix.name), []).append(fix)
+        groups.setdefault((fix.control, fix.kind, fix.name), []).append(fix)
     changes = []
-    for (kind, name), group in sorted(groups.items(), key=lambda kv: _ORDER[kv[0][0]]):
+    for (control, kind, name), group in sorted(
+            groups.items(), key=lambda kv: (CONTROL_ORDER.index(kv[0][0]), _ORDER[kv[0][1]])):
         ref = _ref(snapshot, kind, name)
         obj = writer.read(ref)
-        if obj is None:
-            raise RemediationRefused(f"{ref} disappeared since the scan; scan again")
-        container = snapshot.container if kind == "DaemonSet" else None
         wanted = {f.field: f.value for f in group}
-        if kind == "DaemonSet":
+        reasons = "; ".join(dict.fromkeys(f.reason for f in group))
+        if obj is None:
+            if kind == KCC_KIND:
+                changes.append(creating(ref, wanted, control=control, reason=reasons))
+                continue
+            raise RemediationRefused(f"{ref} disappeared since the scan; scan again")
+        container = _container_name(snapshot, kind, control)
+        if kind in ("DaemonSet", "Deployment"):
             # Every entry that sets the parameter under any spelling, so none is left on.
-            for entry in _container(ref, obj, snapshot.container).get("env") or []:
+            for entry in _container(ref, obj, container).get("env") or []:
                 entry_name = str(entry.get("name", ""))
-                if felix_param(entry_name) == ENABLED:
+                if _enables(control, entry_name):
                     wanted.setdefault(ENV + entry_name, {"name": entry_name, "value": "false"})
-        reasons = list(dict.fromkeys(f.reason for f in group))
-        change = object_change(ref, obj, container, wanted, reason="; ".join(reasons))
+        change = object_change(ref, obj, container, wanted, reason=reasons, control=control)
         if change is not None:
             changes.append(change)
     return tuple(changes)
+
+
+def _container_name(snapshot: ClusterSnapshot, kind: str, control: str) -> str | None:
+    if kind == "DaemonSet":
+        return snapshot.container
+    if kind == "Deployment":
+        component = snapshot.components.get(control)
+        return component.container if component else None
+    return None
+
+
+def _enables(control: str, env_name: str) -> bool:
+    """Whether an env entry sets the component's PrometheusMetricsEnabled."""
+    if control == TYPHA:
+        return typha_param(env_name) == "prometheusmetricsenabled"
+    return felix_param(env_name) == ENABLED
+
+
+# The KubeControllersConfiguration `default` kube-controllers creates when there is none
+# (kube-controllers/pkg/config/runconfig.go NewDefaultKubeControllersConfig, v3.32.1), which
+# felixscan creates instead with prometheusMetricsPort 0: without its controllers section
+# kube-controllers would run no controller. Fields an older CRD does not know are pruned.
+KCC_DEFAULT_SPEC: Mapping[str, Any] = {
+    "logSeverityScreen": "Info",
+    "healthChecks": "Enabled",
+    "etcdV3CompactionPeriod": "10m0s",
+    "controllers": {
+        "node": {"reconcilerPeriod": "5m0s", "syncLabels": "Enabled",
+                 "hostEndpoint": {"autoCreate": "Disabled",
+                                  "createDefaultHostEndpoint": "Enabled"},
+                 "leakGracePeriod": "15m0s"},
+        "policy": {"reconcilerPeriod": "5m0s"},
+        "workloadEndpoint": {"reconcilerPeriod": "5m0s"},
+        "serviceAccount": {"reconcilerPeriod": "5m0s"},
+        "namespace": {"reconcilerPeriod": "5m0s"},
+        "loadBalancer": {"assignIPs": "AllServices"},
+        "policyMigration": {"enabled": "Enabled"},
+    },
+}
+
+
+def creating(ref: ObjectRef, wanted: Mapping[str, Any], *, control: str,
+             reason: str) -> ObjectChange:
+    """The change that creates KubeControllersConfiguration `default` with `wanted` set."""
+    spec = copy.deepcopy(dict(KCC_DEFAULT_SPEC))
+    for f, value in wanted.items():
+        if not f.startswith("spec/") or value is REMOVE:
+            raise ValueError(f"cannot create {ref} with {f}={show(value)}")
+        spec[f[len("spec/"):]] = copy.deepcopy(value)
+    body = {"apiVersion": ref.api_version, "kind": ref.kind, "metadata": {"name": ref.name},
+            "spec": spec}
+    return ObjectChange(ref=ref, container=None, patch_type="merge", patch=body,
+                        fields=tuple(wanted), before={},
+                        after={f: copy.deepcopy(v) for f, v in wanted.items()},
+                        resource_version="", restarts_pods=False, reason=reason,
+                        control=control, create=True)
 
 
 def _container(ref: ObjectRef, obj: Mapping[str, Any], name: str | None) -> dict[str, Any]:
@@ -250,7 +546,8 @@ def values_of(ref: ObjectRef, obj: Mapping[str, Any], container: str | None,
 
 
 def object_change(ref: ObjectRef, obj: Mapping[str, Any], container: str | None,
-                   wanted: Mapping[str, Any], *, reason: str) -> ObjectChange | None:
+                   wanted: Mapping[str, Any], *, reason: str,
+                   control: str = FELIX) -> ObjectChange | None:
     """The patch that sets `wanted` on `obj` (None when it already holds it)."""
     current = values_of(ref, obj, container, list(wanted))
     fields = tuple(f for f, v in wanted.items() if current.get(f, REMOVE) != v)
@@ -258,12 +555,14 @@ def object_change(ref: ObjectRef, obj: Mapping[str, Any], container: str | None,
         return None
     meta = obj.get("metadata") or {}
     rv = str(meta.get("resourceVersion") or "")
+    uid = str(meta.get("uid") or "")
     # With the resourceVersion, the uid: the patch lands on this very object or not at all
     # (kube_write refuses to send a patch without both).
-    preconditions = {"resourceVersion": rv, "uid": str(meta.get("uid") or "")}
+    preconditions = {"resourceVersion": rv, "uid": uid}
     before = {f: current[f] for f in fields if f in current}
     after = {f: copy.deepcopy(wanted[f]) for f in fields if wanted[f] is not REMOVE}
-    if ref.kind == "DaemonSet":
+    patch: dict[str, Any] | list[dict[str, Any]]
+    if ref.kind in ("DaemonSet", "Deployment"):
         entries: list[dict[str, Any]] = []
         for f in fields:
             name = f[len(ENV):]
@@ -276,22 +575,40 @@ def object_change(ref: ObjectRef, obj: Mapping[str, Any], container: str | None,
             for key in before.get(f) or {}:
                 entry.setdefault(key, None)
             entries.append(entry)
-        patch: dict[str, Any] = {"metadata": dict(preconditions), "spec": {"template": {
+        patch = {"metadata": dict(preconditions), "spec": {"template": {
             "spec": {"containers": [{"name": container, "env": entries}]}}}}
         patch_type: PatchType = "strategic"
+    elif any(f in JSON_PATCH_FIELDS for f in fields):
+        # RFC 6902: the preconditions first, then per field a `test` of the value the plan
+        # saw and the change, so the server refuses it when the field holds anything else.
+        patch = [{"op": "test", "path": "/metadata/uid", "value": uid},
+                 {"op": "replace", "path": "/metadata/resourceVersion", "value": rv}]
+        if "spec" not in obj:
+            patch.append({"op": "add", "path": "/spec", "value": {}})
+        for f in fields:
+            path = "/spec/" + f[len("spec/"):].replace("~", "~0").replace("/", "~1")
+            if f in current:
+                patch.append({"op": "test", "path": path, "value": copy.deepcopy(current[f])})
+                patch.append({"op": "remove", "path": path} if wanted[f] is REMOVE else
+                             {"op": "replace", "path": path, "value": copy.deepcopy(wanted[f])})
+            else:
+                patch.append({"op": "add", "path": path, "value": copy.deepcopy(wanted[f])})
+        patch_type = "json"
     else:
         # Custom resources take no strategic merge patch; a JSON merge patch with null deletes.
-        patch = {"metadata": dict(preconditions)}
+        merge: dict[str, Any] = {"metadata": dict(preconditions)}
         for f in fields:
             value = None if wanted[f] is REMOVE else copy.deepcopy(wanted[f])
             if f.startswith(ANNOTATION):
-                patch["metadata"].setdefault("annotations", {})[f[len(ANNOTATION):]] = value
+                merge["metadata"].setdefault("annotations", {})[f[len(ANNOTATION):]] = value
             else:
-                patch.setdefault("spec", {})[f[len("spec/"):]] = value
+                merge.setdefault("spec", {})[f[len("spec/"):]] = value
+        patch = merge
         patch_type = "merge"
     return ObjectChange(ref=ref, container=container, patch_type=patch_type, patch=patch,
                         fields=fields, before=before, after=after, resource_version=rv,
-                        restarts_pods=ref.kind in ("DaemonSet", "Installation"), reason=reason)
+                        restarts_pods=ref.kind in ("DaemonSet", "Installation", "Deployment"),
+                        reason=reason, control=control)
 
 
 def field_path(change: ObjectChange, f: str) -> str:
@@ -303,13 +620,17 @@ def field_path(change: ObjectChange, f: str) -> str:
     return "spec." + f[len("spec/"):]
 
 
-
-
 def restoring(writer: KubeWriter, obj: Mapping[str, Any], action_id: int
                ) -> ObjectChange | None:
-    """The change that puts one recorded object back (None: it already holds those values)."""
+    """The change that puts one recorded object back (None: it already holds those values).
+
+    An object the action created (KubeControllersConfiguration `default`) is not deleted
+    (felixscan has no delete permission): its port goes to 9094, what kube-controllers gives
+    the object it creates when there is none, which is what the absent object stood for.
+    """
     ref = ObjectRef(str(obj["apiVersion"]), str(obj["kind"]), str(obj["name"]),
                     obj.get("namespace"))
+    control = str(obj.get("control") or FELIX)
     current = writer.read(ref)
     if current is None:
         raise RemediationRefused(f"{ref} no longer exists; nothing to restore it into")
@@ -317,7 +638,15 @@ def restoring(writer: KubeWriter, obj: Mapping[str, Any], action_id: int
     fields = tuple(str(f) for f in obj["fields"])
     now = values_of(ref, current, container, fields)
     before, after = obj["before"], obj["after"]
+    created = obj.get("verb") == "create"
     wanted = {f: before.get(f, REMOVE) for f in fields}
+    reason = f"restore the values recorded before action {action_id}"
+    if created:
+        wanted = {f: KUBE_CONTROLLERS_DEFAULT_PORT if f == SPEC_KCC_PORT else before.get(f, REMOVE)
+                  for f in fields}
+        reason = (f"action {action_id} created {ref}, which did not exist: kube-controllers "
+                  f"creates it with prometheusMetricsPort {KUBE_CONTROLLERS_DEFAULT_PORT}, so "
+                  f"that is the value restored (felixscan does not delete it)")
     if all(now.get(f, REMOVE) == wanted[f] for f in fields):
         return None  # already restored (an earlier rollback that did not finish)
     drift = [f for f in fields if now.get(f, REMOVE) != after.get(f, REMOVE)]
@@ -326,9 +655,7 @@ def restoring(writer: KubeWriter, obj: Mapping[str, Any], action_id: int
                           f"{show(after.get(f, REMOVE))}" for f in drift)
         raise RemediationRefused(f"{ref} changed since action {action_id} ({shown}); refusing "
                                  "to overwrite that change")
-    return object_change(ref, current, container, wanted,
-                          reason=f"restore the values recorded before action {action_id}")
-
+    return object_change(ref, current, container, wanted, reason=reason, control=control)
 
 
 def snapshot_of(result: ClusterResult) -> ClusterSnapshot:

@@ -12,7 +12,7 @@ from typing import Any
 from scanner.core.errors import RemediationRefused
 from scanner.db.models import RemediationAction
 from scanner.db.store import Store
-from scanner.remediate.records import Confirm, Plan
+from scanner.remediate.records import Confirm, Plan, tagged
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,8 @@ def admit(plan: Plan, *, store: Store, trigger: str, confirm: Confirm | None) ->
     """Refuse (recorded) when a guard fails; then ask `confirm`, if given."""
     refusals = plan.refusals
     if refusals:
-        message = "refused: " + "; ".join(f"{g.name}: {g.detail}" for g in refusals)
+        message = tagged(plan.changed_controls or plan.controls,
+                         "refused: " + "; ".join(f"{g.name}: {g.detail}" for g in refusals))
         now = datetime.now(UTC)
         action_id = store.add_remediation(
             cluster=plan.cluster, started_at=now, finished_at=now, trigger=trigger[:64],

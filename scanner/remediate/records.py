@@ -1,5 +1,6 @@
 """What remediation plans, guards, reports and returns: immutable records, the RBAC it needs,
-and the field names of the sources it may change.
+and the field names of the sources it may change, for each control (felix-metrics,
+typha-metrics, kube-controllers-metrics).
 """
 
 from __future__ import annotations
@@ -8,10 +9,10 @@ import copy
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from scanner.core.records import ClusterResult, Install
+from scanner.core.records import FELIX, KUBE_CONTROLLERS, TYPHA, ClusterResult, Install
 from scanner.kube.write import ObjectRef, PatchType
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,25 @@ Mode = Literal["apply", "rollback"]
 Outcome = Literal["dry_run", "noop", "succeeded", "failed", "rolled_back"]
 
 ENV_VAR = "FELIX_PROMETHEUSMETRICSENABLED"
+TYPHA_ENV_VAR = "TYPHA_PROMETHEUSMETRICSENABLED"
 # Field keys of ObjectChange.before/after (and of the stored action's objects): a key present
 # means the field is present; absent means absent. Rollback restores exactly that.
 ENV = "env/"  # env/<NAME>: the whole env entry of the configured container
 SPEC_ENABLED = "spec/prometheusMetricsEnabled"  # FelixConfiguration
 ANNOTATION = "annotation/"  # annotation/<key>: a FelixConfiguration annotation
-SPEC_METRICS_PORT = "spec/nodeMetricsPort"  # Installation
+SPEC_METRICS_PORT = "spec/nodeMetricsPort"  # Installation (Felix)
+SPEC_TYPHA_METRICS_PORT = "spec/typhaMetricsPort"  # Installation (Typha)
+SPEC_KCC_PORT = "spec/prometheusMetricsPort"  # KubeControllersConfiguration default
+# Fields changed with a JSON patch (RFC 6902): a `test` of the value the plan saw, then the
+# change, so that the server refuses it when the field holds anything else.
+JSON_PATCH_FIELDS = frozenset({SPEC_TYPHA_METRICS_PORT})
+KCC_KIND = "KubeControllersConfiguration"
+# The order controls are remediated in one action: the least disruptive first (a
+# kube-controllers restart touches no dataplane; Typha's rollout makes Felix reconnect;
+# calico-node's restarts every node's Felix).
+CONTROL_ORDER: tuple[str, ...] = (KUBE_CONTROLLERS, TYPHA, FELIX)
 
-POD_RESTART_SECONDS = 30.0  # for estimates: one calico-node pod from termination to Ready
+POD_RESTART_SECONDS = 30.0  # for estimates: one pod from termination to Ready
 FELIX_RESTART_SECONDS = 15.0  # for estimates: Felix restarting in place after a config change
 OPERATOR_API = "operator.tigera.io/v1"
 IGNORED_META = frozenset({"resourceVersion", "generation", "managedFields"})
@@ -68,7 +80,23 @@ REMEDIATION_RBAC: tuple[RbacRule, ...] = (
     RbacRule("projectcalico.org", "felixconfigurations", ("get", "patch"), (), "cluster",
              "the same where Felix reads Calico's native v3 CRDs (projectcalico.org/v3)"),
     RbacRule("operator.tigera.io", "installations", ("patch",), ("default",), "cluster",
-             "operator installs: remove spec.nodeMetricsPort from the Installation"),
+             "operator installs: remove spec.nodeMetricsPort (Felix) and spec.typhaMetricsPort "
+             "(Typha) from the Installation"),
+    RbacRule("apps", "deployments", ("patch",), ("calico-typha",),
+             "calico-node's namespace (kube-system)",
+             "manifest installs: set the env entry on the calico-typha container (and its "
+             "dryRun=All preview); never used on operator installs"),
+    RbacRule("crd.projectcalico.org", "kubecontrollersconfigurations", ("patch",), ("default",),
+             "cluster", "set spec.prometheusMetricsPort: 0 on `default` (read with the scan's "
+             "get)"),
+    RbacRule("crd.projectcalico.org", "kubecontrollersconfigurations", ("create",), (),
+             "cluster", "create `default` with prometheusMetricsPort 0 when it does not exist "
+             "(RBAC cannot restrict create to a name)"),
+    RbacRule("projectcalico.org", "kubecontrollersconfigurations", ("patch",), ("default",),
+             "cluster", "the same where Calico's clients read the native v3 CRDs "
+             "(projectcalico.org/v3)"),
+    RbacRule("projectcalico.org", "kubecontrollersconfigurations", ("create",), (),
+             "cluster", "the same"),
 )
 
 
@@ -94,22 +122,30 @@ class ObjectChange:
     """One object and the exact patch remediation sends to it."""
 
     ref: ObjectRef
-    container: str | None  # the DaemonSet container whose env is patched
+    container: str | None  # the DaemonSet or Deployment container whose env is patched
     patch_type: PatchType
-    patch: Mapping[str, Any]  # the body as sent, resourceVersion and uid preconditions included
+    # The body as sent: for a patch with its resourceVersion and uid preconditions (a JSON
+    # patch: a list of operations), for a create the whole object.
+    patch: Mapping[str, Any] | list[dict[str, Any]]
     fields: tuple[str, ...]
     before: Mapping[str, Any]  # field -> value; a missing key: the field is absent
     after: Mapping[str, Any]
-    resource_version: str
+    resource_version: str  # "" for a create
     restarts_pods: bool
     reason: str
+    control: str = FELIX  # the control this change remediates
+    create: bool = False  # POST the object (it does not exist) instead of patching it
 
     def record(self, **extra: Any) -> dict[str, Any]:
         """The JSON stored in remediation_actions.objects."""
-        return {"apiVersion": self.ref.api_version, "kind": self.ref.kind,
-                "namespace": self.ref.namespace, "name": self.ref.name,
-                "container": self.container, "patch_type": self.patch_type,
-                "patch": copy.deepcopy(dict(self.patch)), "fields": list(self.fields),
+        return {"control": self.control, "apiVersion": self.ref.api_version,
+                "kind": self.ref.kind, "namespace": self.ref.namespace, "name": self.ref.name,
+                "container": self.container,
+                "verb": "create" if self.create else "patch",
+                "patch_type": None if self.create else self.patch_type,
+                "patch": copy.deepcopy(self.patch if isinstance(self.patch, list)
+                                       else dict(self.patch)),
+                "fields": list(self.fields),
                 "before": copy.deepcopy(dict(self.before)),
                 "after": copy.deepcopy(dict(self.after)),
                 "resourceVersion": self.resource_version, "reason": self.reason, **extra}
@@ -135,16 +171,32 @@ class Guard:
     detail: str
 
 
+Follow = Literal["daemonset", "deployment", "restart", "none"]
+
+
 @dataclass(frozen=True, slots=True)
 class RolloutPlan:
     restarts_pods: bool
-    pods: int  # calico-node pods that restart (0 when Felix restarts in place)
-    nodes: int  # nodes whose Felix picks the change up
+    pods: int  # pods that restart (0 when Felix restarts in place)
+    nodes: int  # nodes whose Felix picks the change up (the pods' nodes for a Deployment)
     strategy: str
     max_unavailable: str | None
     batch: int  # pods restarted at once
     estimate_seconds: float
     how: str
+    control: str = FELIX
+    # What apply waits for: the calico-node DaemonSet's rollout, the calico-typha Deployment's,
+    # kube-controllers restarting its container, or nothing (Felix restarts in place).
+    follow: Follow = "daemonset"
+    workload: str = ""  # "Deployment kube-system/calico-typha", ...
+    generation: int | None = None  # the workload's generation when planned
+    available: int | None = None  # its available pods when planned (the floor to get back to)
+    max_surge: str | None = None  # a Deployment's RollingUpdate maxSurge
+    # kube-controllers: pod -> restartCount when planned (a restart raises it)
+    restarts: Mapping[str, int] = field(default_factory=dict)
+    selector: Mapping[str, str] = field(default_factory=dict)  # its pods' matchLabels
+    namespace: str | None = None
+    container: str | None = None  # the container whose restarts count
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +213,21 @@ class Plan:
     dry_run: tuple[DryRun, ...]
     notes: tuple[str, ...] = ()
     rollback_of: int | None = None
+    # The controls asked for (and judged by the verification scan); every change names its own.
+    controls: tuple[str, ...] = (FELIX,)
+    rollouts: tuple[RolloutPlan, ...] = ()  # one per control whose change restarts something
 
     @property
     def refusals(self) -> tuple[Guard, ...]:
         return tuple(g for g in self.guards if not g.ok)
+
+    @property
+    def changed_controls(self) -> tuple[str, ...]:
+        """The controls with a change, in the order they are applied."""
+        return tuple(dict.fromkeys(c.control for c in self.changes))
+
+    def rollout_of(self, control: str) -> RolloutPlan | None:
+        return next((r for r in self.rollouts if r.control == control), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +240,8 @@ class RolloutProgress:
     available: int
     elapsed: float
     timeout: float
+    workload: str = ""  # "" for the calico-node DaemonSet
+    control: str = FELIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +250,7 @@ class RolloutReport:
     seconds: float
     last: RolloutProgress | None
     message: str
+    control: str = FELIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +259,10 @@ class RemediationResult:
     outcome: Outcome
     message: str
     action_id: int | None = None
-    rollout: RolloutReport | None = None
+    rollout: RolloutReport | None = None  # the last rollout followed (the one that stalled)
     verify_run_id: int | None = None
     verify: ClusterResult | None = None
+    rollouts: tuple[RolloutReport, ...] = ()  # every rollout followed, in order
 
     @property
     def done(self) -> bool:
@@ -205,8 +272,24 @@ class RemediationResult:
             return True
         if self.outcome == "noop":
             # Nothing to restore is fine; nothing to change on a non-compliant cluster is not.
-            return self.plan.mode == "rollback" or self.plan.before.status == "compliant"
+            return self.plan.mode == "rollback" or \
+                controls_compliant(self.plan.before, self.plan.controls)
         return False
+
+
+def control_status(result: ClusterResult, control: str) -> str:
+    """One control's status in a scan (a result without per-control results is Felix's)."""
+    found = result.control(control)
+    if found is not None:
+        return found.status
+    return result.status if control == FELIX and not result.controls else "compliant"
+
+
+def controls_compliant(result: ClusterResult, controls: tuple[str, ...]) -> bool:
+    """Whether every one of `controls` is compliant in `result` (none asked: the cluster)."""
+    if not controls:
+        return result.status == "compliant"
+    return all(control_status(result, c) == "compliant" for c in controls)
 
 
 Confirm = Callable[[Plan], bool]
@@ -217,3 +300,8 @@ Progress = Callable[[RolloutProgress], None]
 
 def show(value: Any) -> str:
     return "absent" if value is REMOVE else json.dumps(value, sort_keys=True)
+
+
+def tagged(controls: tuple[str, ...] | list[str], message: str) -> str:
+    """A message as stored and shown: the controls it is about first."""
+    return f"[{', '.join(controls)}] {message}" if controls else message

@@ -14,6 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from scanner.core.errors import StoreError
+from scanner.core.records import CONTROL_IDS, FELIX
+from scanner.db.queries.history import ControlEntry
 from scanner.db.queries.pages import (
     LatestScan,
     cluster_page,
@@ -48,7 +50,29 @@ def latest_json(latest: LatestScan | None) -> dict[str, Any] | None:
             "declared": {"enabled": latest.declared_enabled, "source": latest.declared_source,
                          "port": latest.declared_port, "host": latest.declared_host},
             "nodes": latest.nodes, "passing": latest.passing, "failing": latest.failing,
-            "unknown": latest.unknown, "waived": latest.waived, "error": latest.error}
+            "unknown": latest.unknown, "waived": latest.waived, "error": latest.error,
+            # control -> status; `status` above is the worst of them
+            "controls": dict(latest.controls)}
+
+
+def control_json(c: ControlEntry) -> dict[str, Any]:
+    """One control of a cluster's latest scan; Felix's targets are the cluster's nodes."""
+    out: dict[str, Any] = {
+        "id": c.control, "status": c.status, "installed": c.installed,
+        "declared": {"enabled": c.declared_enabled, "source": c.declared_source,
+                     "port": c.declared_port, "host": c.declared_host},
+        "error": c.error, "namespace": c.namespace, "workload": c.workload, "image": c.image,
+        "totals": {"targets": c.targets_total, "pass": c.targets_pass, "fail": c.targets_fail,
+                   "unknown": c.targets_unknown, "waived": c.targets_waived}}
+    if c.control == FELIX:
+        out["targets_in"] = "nodes_not_passing"
+    else:
+        out["targets"] = [{"node": t.name, "pod": t.pod, "address": t.address, "port": t.port,
+                           "state": t.state, "protocol": t.protocol, "metrics": t.felix,
+                           "verdict": t.verdict, "declared_enabled": t.declared_enabled,
+                           "declared_source": t.declared_source, "error": t.error}
+                          for t in c.targets]
+    return out
 
 
 def _scan_json(s: Any) -> dict[str, Any]:
@@ -127,7 +151,8 @@ def cluster(request: Request) -> Response:
              "state": n.state, "error": n.error} for n in page.issues]},
         "findings": {"total": page.findings_total, "items": [
             {"id": f.id, "severity": f.severity, "node": f.node, "message": f.message,
-             "remediation": f.remediation} for f in page.findings]},
+             "remediation": f.remediation, "control": f.control} for f in page.findings]},
+        "controls": [control_json(c) for c in page.controls],
         "scans": [_scan_json(s) for s in page.scans],
         "remediation_actions": [
             {"id": a.id, "started_at": a.started_at, "finished_at": a.finished_at,
@@ -163,9 +188,13 @@ def trend_rows(request: Request) -> Response:
     st = web(request)
     days = int_param(request, "days", 30, 1, MAX_PERIOD_DAYS)
     cluster_name = cluster_param(request)
+    control = request.query_params.get("control")
+    if control is not None and control not in CONTROL_IDS:
+        raise HTTPException(400, f"control: expected one of {', '.join(CONTROL_IDS)}")
+    # Without `control`: each cluster as a whole, exactly as before controls existed.
     return json_response([t.as_dict() for t in trend(
         st.store, clusters=[cluster_name] if cluster_name else (), days=days,
-        today=st.clock().date())])
+        today=st.clock().date(), control=control)])
 
 
 def schedule(request: Request) -> Response:

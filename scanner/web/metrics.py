@@ -48,6 +48,9 @@ DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 60
 # scan: the cluster could not be scanned (its result is stored, as an error);
 # store: no result was stored (database failure, the cluster's lock lost, the run failed).
 ERROR_REASONS = ("scan", "store")
+# felixscan_control_status: one value per status (the cluster is compliant only if every
+# control it checks is 1)
+CONTROL_VALUES = {"compliant": 1.0, "non_compliant": 0.0, "error": -1.0}
 
 
 # --- scans run by this process -------------------------------------------------------------
@@ -196,6 +199,12 @@ class FelixscanCollector(Collector):
             f"{PREFIX}cluster_last_successful_scan_timestamp_seconds",
             "When the cluster's latest scan that was not an error started (Unix time); absent "
             "while the cluster has none", labels=["cluster"])
+        controls = GaugeMetricFamily(
+            f"{PREFIX}control_status",
+            "Each control the cluster's latest scan checked (felix-metrics, typha-metrics, "
+            "kube-controllers-metrics): 1 compliant, 0 non-compliant, -1 could not be checked "
+            "(error); the cluster is compliant only if every one is 1",
+            labels=["cluster", "control"])
         fleet = dict.fromkeys((*STATUSES, "never_scanned"), 0)
         fleet_nodes = dict.fromkeys((v for v, _ in VERDICTS), 0)
         for st in states:
@@ -206,6 +215,9 @@ class FelixscanCollector(Collector):
                 count = getattr(st, field)
                 nodes.add_metric([st.cluster, verdict], float(count))
                 fleet_nodes[verdict] += count
+            for control, control_status in st.controls.items():
+                controls.add_metric([st.cluster, control],
+                                    CONTROL_VALUES.get(control_status, -1.0))
             last.add_metric([st.cluster], st.last_scan.timestamp())
             if st.last_success is not None:
                 success.add_metric([st.cluster], st.last_success.timestamp())
@@ -222,7 +234,8 @@ class FelixscanCollector(Collector):
             labels=["verdict"])
         for verdict, count in fleet_nodes.items():
             fleet_verdicts.add_metric([verdict], float(count))
-        yield from (compliant, status, nodes, last, success, clusters, fleet_verdicts)
+        yield from (compliant, status, nodes, controls, last, success, clusters,
+                    fleet_verdicts)
 
     def _alerts(self) -> Iterable[Metric]:
         alerts = self.alerts

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from scanner import __version__
+from scanner.core.records import CONTROL_IDS
 from scanner.web.state import MAX_PERIOD_DAYS
 
 _METRICS_DOC = """\
@@ -19,6 +20,10 @@ process's own. Names (no `felix_` prefix: that is how the probe recognises Felix
   (`compliant`, `non_compliant`, `error`)
 * `felixscan_cluster_nodes{cluster,verdict}`: nodes of the latest scan by verdict (`pass`,
   `fail`, `unknown`, `waived`)
+* `felixscan_control_status{cluster,control}`: each control the latest scan checked
+  (`felix-metrics`, `typha-metrics`, `kube-controllers-metrics`): 1 compliant, 0
+  non-compliant, -1 could not be checked (error); the cluster is compliant only if every one
+  is 1
 * `felixscan_cluster_last_scan_timestamp_seconds{cluster}`,
   `felixscan_cluster_last_successful_scan_timestamp_seconds{cluster}`: when the latest scan, and
   the latest scan that was not an error, started (the latter absent while there is none)
@@ -67,7 +72,33 @@ def openapi() -> dict[str, Any]:
         "nodes": integer, "passing": integer, "failing": integer, "unknown": integer,
         "waived": {"type": "integer", "description": "failing nodes whose risk a waiver in "
                    "force accepted (not counted in failing)"},
-        "error": {"type": ["string", "null"]}}}
+        "error": {"type": ["string", "null"]},
+        "controls": {"type": "object", "description": "each control the scan checked -> its "
+                     "status; `status` is the worst of them (compliant only if every one is). "
+                     "The node counts and `declared` are felix-metrics'.",
+                     "propertyNames": {"type": "string"}, "additionalProperties": status}}}
+    target = {"type": "object", "properties": {
+        "node": {"type": "string"}, "pod": {"type": ["string", "null"]},
+        "address": {"type": ["string", "null"]}, "port": integer, "state": {"type": "string"},
+        "protocol": {"type": ["string", "null"]}, "metrics": {"type": ["boolean", "null"]},
+        "verdict": {"type": "string", "enum": ["pass", "fail", "unknown", "waived"]},
+        "declared_enabled": {"type": ["boolean", "null"]},
+        "declared_source": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]}}}
+    control = {"type": "object", "properties": {
+        "id": {"type": "string", "enum": list(CONTROL_IDS)}, "status": status,
+        "installed": {"type": "boolean"},
+        "declared": {"type": "object", "properties": {
+            "enabled": {"type": ["boolean", "null"]}, "source": {"type": ["string", "null"]},
+            "port": {"type": ["integer", "null"]}, "host": {"type": ["string", "null"]}}},
+        "targets": {"type": "array", "items": target,
+                    "description": "every control but felix-metrics"},
+        "targets_in": {"const": "nodes_not_passing",
+                       "description": "felix-metrics: its targets are the cluster's nodes"},
+        "error": {"type": ["string", "null"]}, "namespace": {"type": ["string", "null"]},
+        "workload": {"type": ["string", "null"]}, "image": {"type": ["string", "null"]},
+        "totals": {"type": "object", "properties": {
+            "targets": integer, "pass": integer, "fail": integer, "unknown": integer,
+            "waived": integer}}}}
     scan = {"type": "object", "properties": {
         "scan_id": integer, "cluster_scan_id": integer, "cluster": {"type": "string"},
         "started_at": ts, "finished_at": ts, "status": status, "nodes": integer,
@@ -88,7 +119,8 @@ def openapi() -> dict[str, Any]:
                                 "metrics": {"type": "http", "scheme": "bearer",
                                             "description": "FELIXSCAN_METRICS_TOKEN (or "
                                             "_FILE), optional: opens /metrics only"}},
-            "schemas": {"Latest": latest, "Scan": scan},
+            "schemas": {"Latest": latest, "Scan": scan, "Control": control,
+                        "Target": target},
         },
         "paths": {
             "/api/clusters": {"get": {
@@ -97,8 +129,9 @@ def openapi() -> dict[str, Any]:
                     "name": {"type": "string"}, "latest": ref("Latest"), "next_run": nts}}},
                     "clusters, by name")}},
             "/api/clusters/{name}": {"get": {
-                "summary": "One cluster: latest scan, nodes not passing, findings, scans, "
-                           "remediation actions, schedule",
+                "summary": "One cluster: latest scan, its controls (`controls`, each with "
+                           "its declared state and targets), nodes not passing, findings "
+                           "(each naming its `control`), scans, remediation actions, schedule",
                 "parameters": [param("name", "cluster name", {"type": "string"}, "path", True),
                                days],
                 "responses": {**ok({"type": "object"}, "the cluster"),
@@ -119,14 +152,19 @@ def openapi() -> dict[str, Any]:
                     "clusters": integer}}}, "scan runs")}},
             "/api/trend": {"get": {
                 "summary": "Per cluster and UTC day: the day's last scan (as `felixscan "
-                           "trend --format json`)",
-                "parameters": [param("cluster", "only this cluster", {"type": "string"}), days],
-                "responses": ok({"type": "array", "items": {"type": "object", "properties": {
+                           "trend --format json`); with `control`, that control's figures "
+                           "(`nodes` are its targets) and each row names the control",
+                "parameters": [param("cluster", "only this cluster", {"type": "string"}), days,
+                               param("control", "one control's trend (default: each cluster "
+                                     "as a whole, as before controls existed)",
+                                     {"type": "string", "enum": list(CONTROL_IDS)})],
+                "responses": {**ok({"type": "array", "items": {"type": "object", "properties": {
                     "cluster": {"type": "string"}, "day": {"type": "string", "format": "date"},
                     "nodes": integer, "failing": integer, "unknown": integer,
                     "ratio": {"type": ["number", "null"]}, "status": status,
-                    "scans": integer, "waived": integer}}},
-                    "trend rows")}},
+                    "scans": integer, "waived": integer,
+                    "control": {"type": "string", "description": "with ?control= only"}}}},
+                    "trend rows"), "400": {"description": "an unknown control"}}}},
             "/api/schedule": {"get": {
                 "summary": "This process's scheduled clusters, next runs, last outcomes",
                 "responses": ok({"type": "object"}, "the schedule")}},

@@ -72,10 +72,11 @@ def _pct(value: float | None) -> str:
 
 
 def sparkline(points: Sequence[Any], *, since: date, until: date, width: int = 160,
-              height: int = 28) -> Markup:
+              height: int = 28, unit: str = "nodes") -> Markup:
     """Compliance ratio per day (line) with failing days marked; error days as grey bars.
 
-    `points` need `day`, `status`, `nodes`, `failing`, `unknown` and `ratio`.
+    `points` need `day`, `status`, `nodes`, `failing`, `unknown` and `ratio` (a cluster's day
+    points, or one control's, whose `nodes` are its targets).
     """
     days = max((until - since).days + 1, 1)
     slot = width / days
@@ -91,7 +92,7 @@ def sparkline(points: Sequence[Any], *, since: date, until: date, width: int = 1
     worst = min(ratios) if ratios else None
     failing_days = sum(1 for p in points if p.failing or p.unknown)
     label = (f"{days}-day trend: {len(points)} days scanned, {failing_days} with failing or "
-             f"unknown nodes, lowest compliance {_pct(worst)}")
+             f"unknown {unit}, lowest compliance {_pct(worst)}")
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="spark" viewBox="0 0 {width} '
            f'{height}" width="{width}" height="{height}" role="img" aria-label="{escape(label)}">',
            f"<title>{escape(label)}</title>",
@@ -103,9 +104,13 @@ def sparkline(points: Sequence[Any], *, since: date, until: date, width: int = 1
     for p in points:
         ratio = p.ratio
         if ratio is None:
-            out.append(f'<rect x="{x(p.day) - max(slot / 2, 0.5):.1f}" y="{top}" '
-                       f'width="{max(slot, 1.0):.1f}" height="{bottom - top}" fill="{ERROR}" '
-                       'fill-opacity="0.5"/>')
+            # Nothing probed: an error scan (grey); for one control, a component with nothing
+            # to probe is compliant (nothing drawn) or non-compliant in configuration (red).
+            if p.status in ("error", "non_compliant"):
+                out.append(f'<rect x="{x(p.day) - max(slot / 2, 0.5):.1f}" y="{top}" '
+                           f'width="{max(slot, 1.0):.1f}" height="{bottom - top}" '
+                           f'fill="{ERROR if p.status == "error" else FAIL}" '
+                           'fill-opacity="0.5"/>')
             previous = None
             continue
         px, py = x(p.day), y(ratio)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote
 
@@ -18,7 +18,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from reports.outputs import CONTROL_NAMES, CONTROL_PORTS, CONTROL_SHORT
 from scanner.core.errors import ReportError, SigningError
+from scanner.core.records import CONTROL_IDS, FELIX
+from scanner.db.queries.history import ControlEntry
 from scanner.db.queries.pages import (
     ClusterOverview,
     LatestScan,
@@ -26,6 +29,7 @@ from scanner.db.queries.pages import (
     fleet_overview,
     known_clusters,
 )
+from scanner.db.queries.trends import trend
 from scanner.web.auth import SESSION_COOKIE, SESSION_SECONDS, safe_next
 from scanner.web.pages import history_chart, render_page, sparkline, stylesheet
 from scanner.web.state import (
@@ -58,6 +62,33 @@ class _ClusterLine:
     status_text: str
     spark: Any
     job: JobInfo | None
+    # (control, its status or None when the latest scan did not check it), per column
+    controls: tuple[tuple[str, str | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _ControlColumn:
+    id: str
+    short: str  # the heading: Felix, Typha, kube-controllers
+    name: str
+    port: int  # the endpoint's default port
+
+
+@dataclass(frozen=True, slots=True)
+class _ControlView:
+    """One control of a cluster's latest scan, as the cluster page shows it."""
+
+    c: ControlEntry
+    name: str
+    status_text: str
+    declared: str  # enabled / disabled / unknown / not installed
+    spark: Any  # the control's own trend over the days shown
+    targets: tuple[Any, ...]  # not passing first
+
+
+CONTROL_COLUMNS = tuple(_ControlColumn(c, CONTROL_SHORT[c], CONTROL_NAMES[c], CONTROL_PORTS[c])
+                        for c in CONTROL_IDS)
+_VERDICT_ORDER = {"fail": 0, "unknown": 1, "waived": 2, "pass": 3}
 
 
 def cluster_href(name: str) -> str:
@@ -79,10 +110,28 @@ def _status_text(status: str) -> str:
             "error": "scan error"}.get(status, status)
 
 
+def _control_text(status: str) -> str:
+    """A control's status in words: an error means it could not be verified."""
+    return {"compliant": "compliant", "non_compliant": "non-compliant",
+            "error": "not verified"}.get(status, status)
+
+
 def _declared_text(latest: LatestScan) -> str:
     if latest.declared_enabled is None:
         return "unknown"
     return "enabled" if latest.declared_enabled else "disabled"
+
+
+def _control_summary(rows: Sequence[ClusterOverview]) -> list[dict[str, Any]]:
+    """Per control: how many clusters' latest scans found it compliant, non-compliant,
+    unverified, or did not check it."""
+    out = []
+    for col in CONTROL_COLUMNS:
+        statuses = [r.controls.get(col.id) for r in rows if r.latest is not None]
+        out.append({"column": col, "compliant": statuses.count("compliant"),
+                    "non_compliant": statuses.count("non_compliant"),
+                    "error": statuses.count("error"), "unchecked": statuses.count(None)})
+    return out
 
 
 def _summary(rows: Sequence[ClusterOverview]) -> dict[str, int]:
@@ -110,10 +159,34 @@ def overview(request: Request) -> Response:
     rows = [_ClusterLine(name=o.name, href=cluster_href(o.name), latest=o.latest,
                  status_text=_status_text(o.latest.status) if o.latest else "",
                  spark=sparkline(o.points, since=since, until=today),
-                 job=job_map.get(o.name)) for o in overviews]
+                 job=job_map.get(o.name),
+                 controls=tuple((c.id, o.controls.get(c.id)) for c in CONTROL_COLUMNS))
+            for o in overviews]
     return HTMLResponse(render_page(
         "web_overview.html.j2", **base(request), rows=rows, now=now, days=OVERVIEW_DAYS,
-        summary=_summary(overviews), download=_download_defaults(now, None)))
+        summary=_summary(overviews), download=_download_defaults(now, None),
+        columns=CONTROL_COLUMNS, control_summary=_control_summary(overviews),
+        status_label=_control_text))
+
+
+def _control_views(store: Any, name: str, controls: Sequence[ControlEntry], *,
+                   days: int, since: date, until: date) -> list[_ControlView]:
+    """Each control of the latest scan with its own trend over the days shown (one query per
+    control, on the day rollups)."""
+    out = []
+    for c in controls:
+        points = trend(store, clusters=[name], days=days, today=until, control=c.control)
+        declared = ("not installed" if not c.installed else "unknown"
+                    if c.declared_enabled is None else
+                    "enabled" if c.declared_enabled else "disabled")
+        out.append(_ControlView(
+            c=c, name=CONTROL_NAMES.get(c.control, c.control),
+            status_text=_control_text(c.status), declared=declared,
+            spark=sparkline(points, since=since, until=until,
+                            unit="nodes" if c.control == FELIX else "targets"),
+            targets=tuple(sorted(c.targets, key=lambda t: (_VERDICT_ORDER.get(t.verdict, 9),
+                                                           t.name, t.pod or "")))))
+    return out
 
 
 def cluster(request: Request) -> Response:
@@ -135,6 +208,9 @@ def cluster(request: Request) -> Response:
         since=since, until=today, status_text=_status_text(page.latest.status),
         declared=_declared_text(page.latest), job=st.jobs().get(name),
         chart=history_chart(page.series, since=since, until=today),
+        controls=_control_views(st.store, name, page.controls, days=days, since=since,
+                                until=today),
+        felix=FELIX,
         download=_download_defaults(now, name) if NAME.match(name) else None))
 
 

@@ -84,6 +84,11 @@ CASES: dict[str, tuple[str, list[str], list[str]]] = {
         *(rf"^{fmt}\s+{label}\s+{N}\s+{N}\s+{N}\s+" for fmt in FORMATS
           for label in ("non-compliant", "compliant")),
         r"^smoke: every format encoded and valid$"]),
+    "controls": ("controls", [], [
+        r"^20 nodes on 127\.\d+\.\d+\.\d+\.\.127\.\d+\.\d+\.\d+, sqlite, 1 runs each of "
+        r"`felixscan scan --json`, alternating",
+        rf"^felix-metrics alone \(anchor\)\s+median {N} s$",
+        rf"^all three controls\s+median {N} s\s+ratio {N}x$", r"^smoke run: no target$"]),
     "downloads": ("downloads", [], [
         *(rf"^{name}: 50 downloads in {N} s, {N} rendered, {N} from the cache$"
           for name in ("cold cache", "warm cache")),

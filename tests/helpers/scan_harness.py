@@ -25,6 +25,7 @@ import yaml
 from scanner.app.cli import main
 from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico_cluster
 from scanner.emulator.apiserver import write_kubeconfig
+from scanner.emulator.components import ComponentHandle, add_kube_controllers, add_typha
 from scanner.emulator.fleet import revision_hash
 from scanner.emulator.nodes import NodeFleet, address_for
 from tests.helpers.paths import CALICO, ROOT
@@ -51,6 +52,14 @@ def own_addresses(monkeypatch: Any, base: str) -> None:
 
 def daemonset(version: str = "v3.32.1") -> Path:
     return CALICO / f"{version}-calico-daemonset-calico-node.yaml"
+
+
+def typha_deployment(version: str = "v3.32.1") -> Path:
+    return CALICO / f"{version}-calico-typha-deployment-calico-typha.yaml"
+
+
+def kube_controllers_deployment(version: str = "v3.32.1") -> Path:
+    return CALICO / f"{version}-calico-deployment-calico-kube-controllers.yaml"
 
 
 @dataclass
@@ -129,6 +138,9 @@ class Harness:
         # Kubeconfig entries replaced per context (token, CA, exec plugin, server keys).
         self.users: dict[str, dict[str, Any]] = {}  # context -> the whole `user` entry
         self.servers: dict[str, dict[str, Any]] = {}  # context -> keys merged into `cluster`
+        # (cluster, "typha" | "kube-controllers") -> the component added by typha() and
+        # kube_controllers()
+        self.components: dict[tuple[str, str], ComponentHandle] = {}
 
     def close(self) -> None:
         self.stack.close()
@@ -161,6 +173,43 @@ class Harness:
         if options:
             self.cluster_options[name] = dict(options)
         return handle
+
+    def typha(self, cluster: str, nodes: Sequence[str] | None = None, *,
+              version: str = "v3.32.1", **add: Any) -> ComponentHandle:
+        """Typha in `cluster` (scanner.emulator.components.add_typha) from the release
+        Deployment of `version`, on `nodes` (default: the cluster's first node), its listeners
+        in this harness's fleet."""
+        handle = self.handles[cluster]
+        add.setdefault("deployment_yaml", typha_deployment(version))
+        component = add_typha(handle, nodes=list(nodes or [handle.nodes[0].name]),
+                              fleet=self.fleet, **add)
+        self.stack.callback(component.stop_controllers)
+        self.components[(cluster, "typha")] = component
+        return component
+
+    def kube_controllers(self, cluster: str, *, version: str = "v3.32.1",
+                         pod_ip: str | None = None, **add: Any) -> ComponentHandle:
+        """calico-kube-controllers in `cluster` (scanner.emulator.components.
+        add_kube_controllers) from the release Deployment of `version`, its pod on a fresh
+        address of this harness (`next_address`), its listener in this harness's fleet."""
+        handle = self.handles[cluster]
+        add.setdefault("deployment_yaml", kube_controllers_deployment(version))
+        component = add_kube_controllers(handle, pod_ip=pod_ip or next_address(),
+                                         fleet=self.fleet, **add)
+        self.stack.callback(component.stop_controllers)
+        self.components[(cluster, "kube-controllers")] = component
+        return component
+
+    def run_scan(self, db: str) -> Any:
+        """`run_scan` over this harness's config (the library entry point the CLI calls):
+        the ScanOutcome, with each cluster's ClusterResult and its `controls`."""
+        from scanner.core.config import load_settings
+        from scanner.db.store import Store
+        from scanner.scan import run_scan
+
+        settings = load_settings(self.config(), db_url=db, environ={})
+        with Store(db) as store:
+            return run_scan(settings, store=store)
 
     def dead_cluster(self, name: str, url: str = "https://127.0.0.1:1") -> None:
         """A context whose API server is not there at all (connection refused)."""

@@ -83,13 +83,22 @@ class Scenario:
                               configmaps=["felix-metrics-port"], secrets=["felix-metrics"])
 
 
+def _components(h: Harness, handle: ClusterHandle) -> ClusterHandle:
+    """Typha (as released: metrics off) on every node and calico-kube-controllers with its
+    metrics switched off (KubeControllersConfiguration port 0): a full three-control scan, every
+    control compliant."""
+    h.typha("c", [n.name for n in handle.nodes])
+    h.kube_controllers("c", kcc_port=0)
+    return handle
+
+
 def _manifest(h: Harness) -> ClusterHandle:
-    return h.cluster("c", ["closed", Node("closed", name="edge")], felix_configs=[
-        {"metadata": {"name": "node.edge"}, "spec": {"logSeverityScreen": "Info"}}])
+    return _components(h, h.cluster("c", ["closed", Node("closed", name="edge")], felix_configs=[
+        {"metadata": {"name": "node.edge"}, "spec": {"logSeverityScreen": "Info"}}]))
 
 
 def _operator(h: Harness) -> ClusterHandle:
-    return h.cluster("c", ["closed", "closed"], install="operator")
+    return _components(h, h.cluster("c", ["closed", "closed"], install="operator"))
 
 
 def _node_checked(h: Harness) -> ClusterHandle:
@@ -102,11 +111,17 @@ def _node_checked(h: Harness) -> ClusterHandle:
     return handle
 
 
-def _remediable(**build: Any) -> Callable[[Harness], ClusterHandle]:
+def _remediable(*, typha: dict[str, Any] | None = None, kube_controllers: dict[str, Any]
+                | None = None, **build: Any) -> Callable[[Harness], ClusterHandle]:
+    """A cluster to remediate; Typha and kube-controllers compliant unless `typha` /
+    `kube_controllers` (add_typha / add_kube_controllers arguments) say otherwise. Their
+    controllers run too: the re-scans read them with the remediator's rights."""
     def make(h: Harness) -> ClusterHandle:
         handle = h.cluster("c", ["closed", "closed"], options={"remediation": {"enabled": True}},
                            **build)
         handle.simulate_controllers(auto_roll=True)  # rollouts happen, as in a real cluster
+        h.typha("c", [n.name for n in handle.nodes], **(typha or {})).simulate_controllers()
+        h.kube_controllers("c", **(kube_controllers or {"kcc_port": 0})).simulate_controllers()
         return handle
     return make
 
@@ -115,7 +130,8 @@ SCENARIOS = [
     Scenario("scan-manifest", ("agent",), AGENT, _manifest),
     # Calico's native v3 CRDs only (v3.32+): Felix, and so the scanner, read projectcalico.org.
     Scenario("scan-manifest-v3crds", ("agent",), AGENT,
-             lambda h: h.cluster("c", ["closed"], felix_api="projectcalico.org/v3")),
+             lambda h: _components(h, h.cluster("c", ["closed"],
+                                                felix_api="projectcalico.org/v3"))),
     Scenario("scan-operator", ("agent-operator",), AGENT, _operator),
     Scenario("scan-manifest-valuefrom", ("agent", "valuefrom-access"), AGENT,
              lambda h: h.cluster("c", ["closed"], **_valuefrom_objects("false"))),
@@ -145,6 +161,22 @@ SCENARIOS = [
              command=(("remediate", *REMEDIATE),), remediation=True),
     Scenario("remediate-operator", ("agent-operator", "remediation-operator"), REMEDIATOR,
              _remediable(install="operator", node_metrics_port=9091),
+             command=(("remediate", *REMEDIATE),), remediation=True),
+    # Typha's env on a manifest install (the calico-typha Deployment, rolled out).
+    Scenario("remediate-typha-env", ("agent", "remediation"), REMEDIATOR,
+             _remediable(typha={"env": {"TYPHA_PROMETHEUSMETRICSENABLED": "true"}}),
+             command=(("remediate", *REMEDIATE),), remediation=True),
+    # Typha on an operator install: the Installation's typhaMetricsPort.
+    Scenario("remediate-operator-typha", ("agent-operator", "remediation-operator"), REMEDIATOR,
+             _remediable(install="operator", typha={"typha_metrics_port": 9093}),
+             command=(("remediate", *REMEDIATE),), remediation=True),
+    # kube-controllers: KubeControllersConfiguration `default`, in each API group.
+    Scenario("remediate-kube-controllers", ("agent", "remediation"), REMEDIATOR,
+             _remediable(kube_controllers={"kcc_port": 9094}),
+             command=(("remediate", *REMEDIATE),), remediation=True),
+    Scenario("remediate-kube-controllers-v3crds", ("agent-operator", "remediation-operator"),
+             REMEDIATOR, _remediable(install="operator", felix_api="projectcalico.org/v3",
+                                     kube_controllers={"kcc_port": 9094}),
              command=(("remediate", *REMEDIATE),), remediation=True),
 ]
 
@@ -220,10 +252,31 @@ def test_runs_succeed_with_only_the_deployed_permissions(runs: dict[str, Run],
     denied = [describe(r) for r in run.requests if r.status == 403]
     assert not denied, f"{scenario.id}: refused by the deployed RBAC: {denied}"
     if scenario.remediation:
-        assert any(r.verb == "patch" and not r.dry_run for r in run.requests)
+        assert any(r.verb in ("patch", "create") and not r.dry_run for r in run.requests)
     else:
         assert run.cluster()["status"] == "compliant"
         assert {r.verb for r in run.requests} == {"get", "list"}
+
+
+@pytest.mark.parametrize(("scenario_id", "namespace", "group"), [
+    ("scan-manifest", "kube-system", "crd.projectcalico.org"),
+    ("scan-operator", "calico-system", "crd.projectcalico.org"),
+    ("scan-manifest-v3crds", "kube-system", "projectcalico.org"),
+])
+def test_the_scans_read_all_three_controls(runs: dict[str, Run], scenario_id: str,
+                                           namespace: str, group: str) -> None:
+    """A full three-control scan under the deployed rights: Typha's and kube-controllers'
+    Deployments read in calico-node's namespace, KubeControllersConfiguration `default` in the
+    group Calico's clients read, each answered (200), and no finding says a control was not
+    checked or not installed."""
+    run = runs[scenario_id]
+    answered = {(r.verb, r.api_group, r.resource, r.name, r.namespace) for r in run.requests
+                if r.status == 200}
+    assert {("get", "apps", "deployments", "calico-typha", namespace),
+            ("get", "apps", "deployments", "calico-kube-controllers", namespace),
+            ("get", group, "kubecontrollersconfigurations", "default", None)} <= answered
+    ids = {f["id"] for f in run.cluster()["findings"]}
+    assert not ids & {"CONTROL-NOT-CHECKED", "COMPONENT-NOT-INSTALLED"}, ids
 
 
 @pytest.mark.parametrize("scenario", [_param(s) for s in SCENARIOS])
@@ -281,13 +334,17 @@ def test_only_felixscan_accounts_are_bound_and_nothing_is_wildcarded() -> None:
                                          "scan-manifest-v3crds"])
 def test_removing_any_one_permission_makes_the_scan_fail(tmp_path: Path, runs: dict[str, Run],
                                                          scenario_id: str) -> None:
-    """Each permission a scan uses is needed: without it the cluster ends as an error, the
-    nodes unknown, never compliant. (The FelixConfiguration group a cluster does not serve is
-    used by another scenario.)"""
+    """Each permission a scan uses is needed: without it the cluster ends as an error, never
+    compliant: Felix's nodes unknown, or, for what only Typha's or kube-controllers' control
+    reads (their Deployments, KubeControllersConfiguration), that control an error while
+    Felix's nodes are still verified. (The FelixConfiguration and KubeControllersConfiguration
+    group a cluster does not serve is used by another scenario.)"""
     scenario = next(s for s in SCENARIOS if s.id == scenario_id)
     permissions = grants(scenario.objects(), scenario.account)
     used = [p for p in permissions if any(p.allows(r) for r in runs[scenario_id].requests)]
-    assert len(used) >= 7  # nodes, FelixConfigurations, Installation, four in calico
+    # nodes, FelixConfigurations, Installation, KubeControllersConfiguration; in calico:
+    # calico-node, two Deployments, revisions, pods, a ConfigMap
+    assert len(used) >= 10
     for i, missing in enumerate(used):
         run = run_scenario(scenario, tmp_path / str(i), drop=missing)
         assert run.codes == [3], f"without {missing}: exit {run.codes}\n{run.stderr[0]}"
@@ -297,7 +354,15 @@ def test_removing_any_one_permission_makes_the_scan_fail(tmp_path: Path, runs: d
         # may not read) the finding that leaves the declared state unknown.
         said = [cluster["error"] or "", *(f["message"] for f in cluster["findings"])]
         assert any("403" in text for text in said), (missing, said)
-        assert all(n["verdict"] == "unknown" for n in cluster["nodes"]), missing
+        if missing.resource in ("deployments", "kubecontrollersconfigurations"):
+            control = "typha-metrics" if missing.name == "calico-typha" \
+                else "kube-controllers-metrics"
+            assert any(f["id"] in ("CONTROL-NOT-CHECKED", "KUBE-CONTROLLERS-CONFIG-UNRESOLVED")
+                       and f.get("control", control) == control
+                       for f in cluster["findings"]), (missing, cluster["findings"])
+            assert all(n["verdict"] == "pass" for n in cluster["nodes"]), missing
+        else:
+            assert all(n["verdict"] == "unknown" for n in cluster["nodes"]), missing
 
 
 def test_a_valuefrom_reference_without_the_opt_in_is_unknown(tmp_path: Path) -> None:
@@ -316,6 +381,26 @@ def test_a_valuefrom_reference_without_the_opt_in_is_unknown(tmp_path: Path) -> 
     assert any("felix-metrics" in m and "403" in m for m in unresolved), cluster["findings"]
     assert {(r.resource, r.name) for r in run.requests if r.status == 403} == \
         {("secrets", "felix-metrics"), ("configmaps", "felix-metrics-port")}
+
+
+@needs_remediation
+@pytest.mark.parametrize("felix_api", ["crd.projectcalico.org/v1", "projectcalico.org/v3"])
+def test_creating_a_missing_kcc_is_refused_without_an_opt_in(tmp_path: Path,
+                                                              felix_api: str) -> None:
+    """No KubeControllersConfiguration `default` (kube-controllers would create it with 9094):
+    the fix creates it with port 0, which needs `create` on the kind, and deploy/ grants no
+    `create` at all. The dry run is refused (403) and nothing is written."""
+    scenario = Scenario("remediate-kcc-missing", ("agent", "remediation"), REMEDIATOR,
+                        _remediable(felix_api=felix_api,
+                                    kube_controllers={"kcc_port": "missing"}),
+                        command=(("remediate", *REMEDIATE),), remediation=True)
+    run = run_scenario(scenario, tmp_path)
+    assert run.codes != [0], run.stdout[0]
+    creates = [r for r in run.requests if r.verb == "create"]
+    assert creates and all(r.status == 403 and r.dry_run for r in creates), \
+        [describe(r) for r in creates]
+    assert not [describe(r) for r in run.requests
+                if r.verb in ("create", "patch") and not r.dry_run], "something was written"
 
 
 def test_agent_cronjob_as_a_pod_runs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

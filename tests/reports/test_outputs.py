@@ -158,7 +158,7 @@ def test_scan_json_is_versioned_and_keeps_every_old_field(scans: dict[str, Run])
     alias = json.loads(scans["--json"].stdout)
     for d in (doc, alias):
         validate_json(d)
-        assert d["schema_version"] == "1.1"
+        assert d["schema_version"] == "1.2"
         assert d["tool"]["name"] == "felixscan" and d["tool"]["version"]
         assert {"scan_id", "started_at", "finished_at", "clusters"} <= set(d)
     assert findings_of(doc) == findings_of(alias)
@@ -179,6 +179,28 @@ def test_scan_json_is_versioned_and_keeps_every_old_field(scans: dict[str, Run])
     reach = next(f for f in bad["findings"] if f["id"] == "FELIX-PORT-REACHABLE")
     assert reach["evidence"]["state"] == "open" and reach["evidence"]["felix"] is True
     assert bad["scan"]["scan_id"] == doc["scan_id"]
+    # 1.2: every control checked (all three by default); the emulated clusters run neither
+    # Typha nor calico-kube-controllers, so those two are compliant, not installed
+    for c in doc["clusters"]:
+        assert [k["id"] for k in c["controls"]] == [
+            "felix-metrics", "typha-metrics", "kube-controllers-metrics"]
+        felix, typha, kc = c["controls"]
+        assert felix["status"] == c["status"] and felix["targets_in"] == "nodes"
+        assert "targets" not in felix
+        assert felix["totals"] == {"targets": c["totals"]["nodes"], "pass": c["totals"]["pass"],
+                                   "fail": c["totals"]["fail"],
+                                   "unknown": c["totals"]["unknown"], "waived": 0}
+        assert felix["declared"] == c["declared"]
+        assert (felix["namespace"], felix["workload"]) == ("kube-system", "calico-node")
+        for k in (typha, kc):
+            assert (k["status"], k["installed"], k["targets"]) == ("compliant", False, [])
+            assert k["totals"] == {"targets": 0, "pass": 0, "fail": 0, "unknown": 0,
+                                   "waived": 0}
+        assert {(f["id"], f["control"]) for f in c["findings"] if f["node"] is None} >= {
+            ("COMPONENT-NOT-INSTALLED", "typha-metrics"),
+            ("COMPONENT-NOT-INSTALLED", "kube-controllers-metrics")}
+        assert all(f["control"] == "felix-metrics" for f in c["findings"]
+                   if f["id"] != "COMPONENT-NOT-INSTALLED")
 
 
 def test_scan_machine_format_on_stdout_is_nothing_but_that(fleet: Fleet) -> None:
@@ -196,7 +218,8 @@ def test_scan_machine_format_on_stdout_is_nothing_but_that(fleet: Fleet) -> None
         [sys.executable, "-m", "scanner", "scan", "-v", "--config", str(fleet.config), "--db",
          fleet.db, "--format", "junit"], capture_output=True, text=True, timeout=120,
         check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert JUnitXml.fromstring(proc.stdout.encode()).tests == 12
+    # per cluster: the cluster, its nodes and one case per other control (not installed)
+    assert JUnitXml.fromstring(proc.stdout.encode()).tests == 16
 
 
 def test_text_stays_the_default(scans: dict[str, Run], fleet: Fleet) -> None:
@@ -207,7 +230,12 @@ def test_text_stays_the_default(scans: dict[str, Run], fleet: Fleet) -> None:
     default = fleet.scan("--cluster", "good")
     assert default.code == 0 and default.stdout == (
         "good: COMPLIANT [manifest] metrics disabled by built-in default (false); nodes: 3 "
-        "(3 pass, 0 fail, 0 unknown)\n")
+        "(3 pass, 0 fail, 0 unknown)\n"
+        "  felix-metrics: COMPLIANT; metrics disabled by built-in default (false), port 9091; "
+        "3 nodes (3 pass, 0 fail, 0 unknown)\n"
+        "  typha-metrics: COMPLIANT; not installed (kube-system/calico-typha)\n"
+        "  kube-controllers-metrics: COMPLIANT; not installed "
+        "(kube-system/calico-kube-controllers)\n")
 
 
 def test_json_and_another_format_is_a_usage_error(fleet: Fleet) -> None:
@@ -271,8 +299,13 @@ def test_scan_junit_reads_in_junitparser(scans: dict[str, Run]) -> None:
     for name, suite in suites.items():
         c = cluster(doc, name)
         cases = {case.name: case for case in suite}
-        assert set(cases) == {"cluster", *(n["name"] for n in c["nodes"])}
-        assert suite.tests == len(c["nodes"]) + 1
+        assert set(cases) == {"cluster", *(n["name"] for n in c["nodes"]), "typha-metrics",
+                              "kube-controllers-metrics"}
+        assert suite.tests == len(c["nodes"]) + 3
+        for control in ("typha-metrics", "kube-controllers-metrics"):  # not installed: passed
+            assert cases[control].classname == f"felixscan.{name}.{control}"
+            assert cases[control].is_passed
+            assert "COMPONENT-NOT-INSTALLED" in (cases[control].system_out or "")
         for n in c["nodes"]:
             results = cases[n["name"]].result
             assert not any(isinstance(r, Skipped) for r in results)
@@ -335,12 +368,14 @@ def test_scan_ocsf_events_are_compliance_findings(scans: dict[str, Run]) -> None
 def test_scan_csv_has_a_row_per_finding_and_no_formula(scans: dict[str, Run]) -> None:
     rows = list(csv.reader(io.StringIO(scans["csv"].stdout, newline="")))
     assert tuple(rows[0]) == CSV_COLUMNS == ("cluster", "node", "id", "severity", "title",
-                                             "message", "fix", "waiver")
+                                             "message", "fix", "waiver", "control")
     doc = json.loads(scans["json"].stdout)
     assert [(r[0], r[1] or None, r[2]) for r in rows[1:]] == [
         (c, "'" + n if n == HOSTILE_NODE else n, i) for c, n, i in findings_of(doc)]
+    assert [r[8] for r in rows[1:]] == [f["control"] for c in doc["clusters"]
+                                        for f in c["findings"]]
     hostile = next(r for r in rows if r[1] == "'" + HOSTILE_NODE)
-    assert hostile[2] == "NODE-NOT-VERIFIED"
+    assert hostile[2] == "NODE-NOT-VERIFIED" and hostile[8] == "felix-metrics"
     assert hostile[6] == RULES["NODE-NOT-VERIFIED"].remediation
     assert not any(cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
 
@@ -357,13 +392,24 @@ def test_a_compliant_scan_in_every_format(fleet: Fleet, sarif_validator: Any) ->
     assert [c["status"] for c in doc["clusters"]] == ["compliant"]
     log = json.loads(out["sarif"].stdout)
     sarif_validator.validate(log)
-    assert log["runs"][0]["results"] == [] and len(log["runs"][0]["tool"]["driver"]["rules"]) \
-        == len(RULES)
+    # Only the informational "not installed" notes of Typha and kube-controllers
+    results = log["runs"][0]["results"]
+    assert [(r["ruleId"], r["level"], r["properties"]["control"],
+             r["properties"]["control_status"]) for r in results] == [
+        ("COMPONENT-NOT-INSTALLED", "note", control, "compliant")
+        for control in ("kube-controllers-metrics", "typha-metrics")]
+    assert len(log["runs"][0]["tool"]["driver"]["rules"]) == len(RULES)
     xml = JUnitXml.fromstring(out["junit"].stdout.encode())
-    assert (xml.tests, xml.failures, xml.errors) == (4, 0, 0)
+    assert (xml.tests, xml.failures, xml.errors) == (6, 0, 0)
     assert all(case.is_passed for suite in xml for case in suite)
-    assert json.loads(out["ocsf"].stdout) == []
-    assert out["csv"].stdout == ",".join(CSV_COLUMNS) + "\r\n"
+    events = json.loads(out["ocsf"].stdout)
+    check_ocsf(events)
+    assert [(e["compliance"]["control"], e["compliance"]["status_id"]) for e in events] == [
+        ("kube-controllers-metrics", 1), ("typha-metrics", 1)]
+    rows = list(csv.DictReader(io.StringIO(out["csv"].stdout, newline="")))
+    assert [(r["id"], r["control"]) for r in rows] == [
+        ("COMPONENT-NOT-INSTALLED", "kube-controllers-metrics"),
+        ("COMPONENT-NOT-INSTALLED", "typha-metrics")]
 
 
 def test_a_cluster_that_could_not_be_scanned_in_every_format(
@@ -381,24 +427,40 @@ def test_a_cluster_that_could_not_be_scanned_in_every_format(
     down = cluster(doc, "down")
     assert down["status"] == "error" and down["error"]
     assert down["totals"] == {"nodes": 0, "pass": 0, "fail": 0, "unknown": 0, "waived": 0}
-    assert [f["id"] for f in down["findings"]] == ["CLUSTER-SCAN-FAILED"]
+    # every control checked is unknown, each with the reason
+    controls = ("felix-metrics", "typha-metrics", "kube-controllers-metrics")
+    assert sorted((f["id"], f["control"]) for f in down["findings"]) == sorted(
+        ("CLUSTER-SCAN-FAILED", c) for c in controls)
+    assert [(k["id"], k["status"], k["error"]) for k in down["controls"]] == [
+        (c, "error", down["error"]) for c in controls]
     log = json.loads(out["sarif"].stdout)
     sarif_validator.validate(log)
     (invocation,) = log["runs"][0]["invocations"]
     assert invocation["executionSuccessful"] is False
     (note,) = invocation["toolExecutionNotifications"]
     assert note["message"]["text"].startswith("down: ")
+    fingerprints = [r["partialFingerprints"]["felixscanFinding/v1"]
+                    for r in log["runs"][0]["results"]
+                    if r["properties"]["cluster"] == "down"]
+    assert len(set(fingerprints)) == 3  # one issue per control, told apart
     suites = {s.name: s for s in JUnitXml.fromstring(out["junit"].stdout.encode())}
-    (case,) = list(suites["down"])
-    (error,) = case.result
-    assert isinstance(error, Error) and error.message == down["error"]
+    cases = {case.name: case for case in suites["down"]}
+    assert set(cases) == {"cluster", "typha-metrics", "kube-controllers-metrics"}
+    for case in cases.values():
+        (error,) = case.result
+        assert isinstance(error, Error) and error.message == down["error"]
     assert (suites["up"].failures, suites["up"].errors) == (0, 0)
-    (event,) = json.loads(out["ocsf"].stdout)
-    check_ocsf([event])
-    assert event["compliance"]["status_id"] == 2  # Warning: no result for want of information
-    assert event["resources"][0]["type"] == "Kubernetes Cluster"
-    (row,) = list(csv.DictReader(io.StringIO(out["csv"].stdout, newline="")))
-    assert (row["cluster"], row["node"], row["id"]) == ("down", "", "CLUSTER-SCAN-FAILED")
+    events = [e for e in json.loads(out["ocsf"].stdout)
+              if e["resources"][0]["name"] == "down"]
+    check_ocsf(events)
+    assert sorted(e["compliance"]["control"] for e in events) == sorted(controls)
+    for event in events:  # Warning: no result for want of information
+        assert event["compliance"]["status_id"] == 2
+        assert event["resources"][0]["type"] == "Kubernetes Cluster"
+    rows = [r for r in csv.DictReader(io.StringIO(out["csv"].stdout, newline=""))
+            if r["cluster"] == "down"]
+    assert sorted((r["node"], r["id"], r["control"]) for r in rows) == sorted(
+        ("", "CLUSTER-SCAN-FAILED", c) for c in controls)
 
 
 # --- scan --output -------------------------------------------------------------------------
@@ -418,7 +480,7 @@ def test_output_writes_the_file_and_shows_the_summary(fleet: Fleet,
     assert again.code == 1
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert target.read_bytes().startswith(
-        b"cluster,node,id,severity,title,message,fix,waiver\r\n")
+        b"cluster,node,id,severity,title,message,fix,waiver,control\r\n")
     assert sorted(p.name for p in fleet.tmp.iterdir() if p.name.startswith(".scan")) == []
     dash = fleet.scan("--format", "json", "--output", "-")
     validate_json(json.loads(dash.stdout))
@@ -466,7 +528,7 @@ def test_report_machine_formats_from_the_database(fleet: Fleet, scans: dict[str,
     assert f"data SHA-256 {log['runs'][0]['properties']['report']['sha256']}" in said["sarif"]
     xml = JUnitXml.fromstring(files["junit"].encode())
     assert {s.name: (s.tests, s.failures, s.errors) for s in xml} == {
-        "good": (4, 0, 0), "bad": (8, 4, 2)}
+        "good": (6, 0, 0), "bad": (10, 4, 2)}
     events = json.loads(files["ocsf"])
     assert len(events) == len(findings_of(doc))
     check_ocsf(events)
@@ -584,13 +646,16 @@ def test_junit_an_informational_cluster_finding_alone_fails_nothing() -> None:
 
 def test_sarif_describes_an_id_this_version_does_not_know(sarif_validator: Any) -> None:
     """A report of scans stored by another felixscan version may carry an unknown ID."""
-    log = json.loads(to_sarif(document(id="TYPHA-METRICS-ENABLED", title="Typha", fix="off")))
+    log = json.loads(to_sarif(document(id="BIRD-METRICS-ENABLED", title="BIRD", fix="off",
+                                       control="bird-metrics")))
     sarif_validator.validate(log)
     rules = log["runs"][0]["tool"]["driver"]["rules"]
     (result,) = log["runs"][0]["results"]
-    assert rules[result["ruleIndex"]]["id"] == "TYPHA-METRICS-ENABLED"
+    assert rules[result["ruleIndex"]]["id"] == "BIRD-METRICS-ENABLED"
     assert rules[result["ruleIndex"]]["help"]["text"] == "off"
-    check_ocsf(ocsf_events(document(id="TYPHA-METRICS-ENABLED")))
+    assert rules[result["ruleIndex"]]["properties"]["control_ids"] == ["bird-metrics"]
+    assert result["properties"]["control"] == "bird-metrics"
+    check_ocsf(ocsf_events(document(id="BIRD-METRICS-ENABLED", control="bird-metrics")))
 
 
 def test_encode_refuses_an_unknown_format() -> None:

@@ -448,9 +448,11 @@ def rules_file(tmp_path: Path) -> Path:
     return path
 
 
-def expand(template: str, *, cluster: str = "", value: str = "", instance: str = "") -> str:
+def expand(template: str, *, cluster: str = "", value: str = "", instance: str = "",
+           control: str = "") -> str:
     """The few template forms the rules use, as Prometheus expands them."""
     out = (template.replace("{{ $labels.cluster }}", cluster)
+           .replace("{{ $labels.control }}", control)
            .replace("{{ $labels.instance }}", instance)
            .replace("{{ $value | humanizeDuration }}", value)
            .replace("{{ $value }}", value))
@@ -469,8 +471,9 @@ JOB = 'job="felixscan-serve",instance="10.0.0.7:8080"'
 
 
 def cluster_series(cluster: str, status: str, *, fail: int, unknown: int,
-                   success: str) -> list[dict[str, str]]:
-    """A cluster as /metrics exports it, for 30 hours of one-minute scrapes."""
+                   success: str, controls: dict[str, int] | None = None) -> list[dict[str, str]]:
+    """A cluster as /metrics exports it, for 30 hours of one-minute scrapes. `controls`: each
+    control's felixscan_control_status (default: Felix's, from the cluster's status)."""
     out = [{"series": f'felixscan_cluster_status{{cluster="{cluster}",status="{s}",{JOB}}}',
             "values": f"{1 if s == status else 0}x1800"}
            for s in ("compliant", "non_compliant", "error")]
@@ -479,6 +482,10 @@ def cluster_series(cluster: str, status: str, *, fail: int, unknown: int,
                                                  ("unknown", unknown))]
     out.append({"series": f'felixscan_cluster_last_successful_scan_timestamp_seconds'
                           f'{{cluster="{cluster}",{JOB}}}', "values": success})
+    felix = {"compliant": 1, "non_compliant": 0, "error": -1}[status]
+    out += [{"series": f'felixscan_control_status{{cluster="{cluster}",control="{c}",{JOB}}}',
+             "values": f"{v}x1800"}
+            for c, v in (controls or {"felix-metrics": felix}).items()]
     return out
 
 
@@ -489,6 +496,9 @@ def test_alert_rules_fire_and_stay_quiet(rules_file: Path, tmp_path: Path) -> No
         *cluster_series("bad", "non_compliant", fail=2, unknown=1, success=fresh),
         *cluster_series("broken", "error", fail=0, unknown=3, success=fresh),
         *cluster_series("stale", "compliant", fail=0, unknown=0, success="0x1800"),
+        # non-compliant by Typha alone: Felix's alert stays quiet, the control's fires
+        *cluster_series("typha", "non_compliant", fail=0, unknown=0, success=fresh, controls={
+            "felix-metrics": 1, "typha-metrics": 0, "kube-controllers-metrics": -1}),
         {"series": f'felixscan_build_info{{version="{__version__}",{JOB}}}',
          "values": "1x1800"},
         {"series": f"felixscan_database_up{{{JOB}}}", "values": "1x1800"},
@@ -518,6 +528,15 @@ def test_alert_rules_fire_and_stay_quiet(rules_file: Path, tmp_path: Path) -> No
             {"eval_time": "5m", "alertname": "FelixscanFelixMetricsExposed",
              "exp_alerts": [fired("FelixscanFelixMetricsExposed", {"cluster": "bad"},
                                   cluster="bad", value="2")]},
+            {"eval_time": "5m", "alertname": "FelixscanControlNonCompliant",
+             "exp_alerts": [fired("FelixscanControlNonCompliant",
+                                  {"cluster": "typha", "control": "typha-metrics"},
+                                  cluster="typha", control="typha-metrics")]},
+            {"eval_time": "5m", "alertname": "FelixscanControlNotVerified", "exp_alerts": []},
+            {"eval_time": "15m", "alertname": "FelixscanControlNotVerified", "exp_alerts": [
+                fired("FelixscanControlNotVerified", {"cluster": c, "control": k}, cluster=c,
+                      control=k) for c, k in (("broken", "felix-metrics"),
+                                              ("typha", "kube-controllers-metrics"))]},
             {"eval_time": "5m", "alertname": "FelixscanScanFailing", "exp_alerts": []},
             {"eval_time": "15m", "alertname": "FelixscanScanFailing",
              "exp_alerts": [fired("FelixscanScanFailing", {"cluster": "broken"},
@@ -555,6 +574,7 @@ def test_alert_rules_fire_and_stay_quiet(rules_file: Path, tmp_path: Path) -> No
             {"eval_time": "20m", "alertname": "FelixscanMetricsAbsent",
              "exp_alerts": [fired("FelixscanMetricsAbsent", {})]},
             {"eval_time": "5m", "alertname": "FelixscanFelixMetricsExposed", "exp_alerts": []},
+            {"eval_time": "5m", "alertname": "FelixscanControlNonCompliant", "exp_alerts": []},
             {"eval_time": "27h", "alertname": "FelixscanScanOverdue", "exp_alerts": []},
         ]},
     ]

@@ -69,3 +69,38 @@ def test_overview_then_cluster_page_in_chromium(tmp_path: Path) -> None:
         assert png_size(shot) == (1280, 1500)
         assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
     assert TOKEN not in dom
+
+
+def test_control_columns_render_in_chromium(tmp_path: Path) -> None:
+    """The overview's column per control and a cluster page's control sections, as a browser
+    lays them out (screenshots kept in the test's tmp directory)."""
+    from datetime import timedelta
+
+    from tests.reports.controls_data import lean, tri
+    from tests.web.test_web import NOW
+
+    with Store(f"sqlite:///{tmp_path / 'felixscan.db'}") as store:
+        fill(store)
+        for back in (2, 1, 0):
+            at = NOW - timedelta(days=back, minutes=30)
+            run = store.begin_run(trigger="schedule", started_at=at)
+            for result in (tri(at), lean(at)):
+                store.save_cluster(run, result)
+            store.finish_run(run, finished_at=at + timedelta(seconds=5))
+        cache = ReportCache(tmp_path / "cache")
+        app = create_app(store=store, auth=Auth(), reports=cache, clusters=["tri"])
+        with served(app) as base:
+            dom = chromium(tmp_path, "--dump-dom", f"{base}/")
+            overview = tmp_path / "overview-controls.png"
+            chromium(tmp_path, f"--screenshot={overview}", f"{base}/")
+            page = tmp_path / "cluster-tri-controls.png"
+            chromium(tmp_path, f"--screenshot={page}", f"{base}/clusters/tri")
+            cluster_dom = chromium(tmp_path, "--dump-dom", f"{base}/clusters/tri")
+        cache.close()
+    headings = re.findall(r'<th class="control"[^>]*>([^<]+)<br>', dom)
+    assert headings == ["Felix", "Typha", "kube-controllers"]
+    assert "Typha targets" not in dom and "calico-typha-aaa" in cluster_dom
+    assert cluster_dom.count('<svg xmlns="http://www.w3.org/2000/svg" class="spark"') == 3
+    for shot in (overview, page):
+        assert png_size(shot) == (1280, 1500)
+        assert shot.stat().st_size > 20_000

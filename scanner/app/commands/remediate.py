@@ -1,4 +1,5 @@
-"""`felixscan remediate`: show, and with --apply make, the change that turns Felix metrics off.
+"""`felixscan remediate`: show, and with --apply make, the changes that turn Calico's metrics
+endpoints off (felix-metrics, typha-metrics, kube-controllers-metrics; `--control` picks).
 
 Glue over `scanner.remediate`: flags to options, the confirmation prompt, the plan and the
 rollout progress on screen. Exit codes: 0 done (or the dry run shown), 1 the remediation
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from scanner.app.exitcodes import ExitCode
 from scanner.core.errors import ConfigError, RemediationRefused
+from scanner.core.records import CONTROL_IDS
 from scanner.telemetry import progress
 from scanner.telemetry.progress import Task
 
@@ -27,17 +29,23 @@ from scanner.app.options import common
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
-        "remediate", help="turn the Felix metrics endpoint off (a dry run unless --apply)",
-        description="Plan the change that turns the Felix metrics endpoint off on a cluster "
-        "(the env entry of a manifest install, the winning FelixConfiguration, or the operator "
-        "Installation), print it with the API server's dry-run answer, and with --apply make "
-        "it: guards (remediation.enabled, maintenance window, no rollout in progress, NotReady "
-        "share), a confirmation, a patch with a resourceVersion precondition, the rollout "
-        "followed to the end, a verification scan, and the action recorded. "
-        "`--rollback ACTION_ID` restores what a recorded action changed. Exit 0 done or dry "
-        "run shown, 1 failed, 2 refused or usage error.")
+        "remediate", help="turn Calico metrics endpoints off (a dry run unless --apply)",
+        description="Plan the changes that turn Calico's metrics endpoints off on a cluster "
+        "(Felix: the env entry of a manifest install, the winning FelixConfiguration, or the "
+        "operator Installation; Typha: its Deployment's env, or the Installation's "
+        "typhaMetricsPort; kube-controllers: KubeControllersConfiguration default's "
+        "prometheusMetricsPort), print them with the API server's dry-run answer, and with "
+        "--apply make them: guards (remediation.enabled, maintenance window, no rollout in "
+        "progress, NotReady share), a confirmation, a patch with a resourceVersion "
+        "precondition, each rollout followed to the end, a verification scan, and the action "
+        "recorded. `--rollback ACTION_ID` restores what a recorded action changed. Exit 0 done "
+        "or dry run shown, 1 failed, 2 refused or usage error.")
     common(p)
     p.add_argument("--cluster", metavar="NAME", help="the configured cluster to remediate")
+    p.add_argument("--control", action="append", choices=CONTROL_IDS, metavar="CONTROL",
+                   help="remediate this control (repeat for several; one of "
+                   f"{', '.join(CONTROL_IDS)}); default: every control the cluster checks "
+                   "that is not compliant")
     p.add_argument("--rollback", metavar="ACTION_ID", type=_action_id,
                    help="restore the values recorded before this remediation action")
     p.add_argument("--apply", action="store_true", help="make the change (default: dry run)")
@@ -97,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if args.rollback is None and not args.cluster:
         raise ConfigError("remediate needs --cluster NAME (or --rollback ACTION_ID)",
                           key="--cluster")
+    if args.rollback is not None and args.control:
+        raise ConfigError("--rollback restores every object the action changed; --control "
+                          "does not go with it", key="--control")
     if args.apply and not args.yes and not sys.stdin.isatty():
         raise RemediationRefused("--apply asks for confirmation, but there is no terminal to "
                                  "ask on; pass --yes to apply without a prompt")
@@ -127,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
                 result = remediate(settings, args.cluster, store=store, apply=args.apply,
                                    trigger=trigger(), ignore_window=args.ignore_window,
                                    confirm=confirm, options=options, progress=view,
-                                   on_plan=_print_plan)
+                                   on_plan=_print_plan,
+                                   controls=list(dict.fromkeys(args.control or [])) or None)
         finally:
             view.end()
     _print_result(result, apply=args.apply)
@@ -135,8 +147,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ask(plan: Plan) -> bool:
-    sys.stderr.write(f"\nThis restarts or reconfigures Felix on cluster {plan.cluster}. Type the "
-                     f"cluster name ({plan.cluster}) to {plan.mode}, anything else to stop: ")
+    what = {"felix-metrics": "Felix", "typha-metrics": "Typha",
+            "kube-controllers-metrics": "calico-kube-controllers"}
+    names = " and ".join(what.get(c, c) for c in plan.changed_controls) or "Felix"
+    sys.stderr.write(f"\nThis restarts or reconfigures {names} on cluster {plan.cluster}. Type "
+                     f"the cluster name ({plan.cluster}) to {plan.mode}, anything else to stop: ")
     sys.stderr.flush()
     answer = sys.stdin.readline().strip()
     return answer == plan.cluster
@@ -155,16 +170,21 @@ def _print_plan(plan: Plan, out: TextIO | None = None) -> None:
     if not plan.changes:
         return
     title = "Plan" if plan.mode == "apply" else f"Rollback of action {plan.rollback_of}"
-    w(f"\n{title} for cluster {plan.cluster} ({plan.install} install):\n")
+    w(f"\n{title} for cluster {plan.cluster} ({plan.install} install; "
+      f"{', '.join(plan.changed_controls)}):\n")
     for i, (change, dry) in enumerate(zip(plan.changes, plan.dry_run, strict=True), 1):
         where = f" (container {change.container})" if change.container else ""
-        w(f"  {i}. {change.ref}{where}, resourceVersion {change.resource_version}\n")
+        version = "does not exist: created" if change.create else \
+            f"resourceVersion {change.resource_version}"
+        w(f"  {i}. [{change.control}] {change.ref}{where}, {version}\n")
         w(f"     why: {change.reason}\n")
         for f in change.fields:
             w(f"     {f}: {_value(change.before, f)} -> {_value(change.after, f)}\n")
-        kind = ("application/strategic-merge-patch+json" if change.patch_type == "strategic"
+        kind = ("POST, application/json" if change.create else
+                "application/strategic-merge-patch+json" if change.patch_type == "strategic"
+                else "application/json-patch+json" if change.patch_type == "json"
                 else "application/merge-patch+json")
-        w(f"     patch ({kind}):\n")
+        w(f"     {'body' if change.create else 'patch'} ({kind}):\n")
         for line in json.dumps(change.patch, indent=2).splitlines():
             w(f"       {line}\n")
         if dry.accepted:
@@ -176,15 +196,25 @@ def _print_plan(plan: Plan, out: TextIO | None = None) -> None:
                 w(f"     WARNING: the server's answer also changes {', '.join(dry.unexpected)}\n")
         else:
             w(f"     server-side dry run (dryRun=All): REJECTED: {dry.error}\n")
-    r = plan.rollout
-    if r is not None:
-        if r.restarts_pods:
-            w(f"\nRollout: {r.how}: {r.pods} calico-node pod(s) restart, {r.batch} at a time "
-              f"({r.strategy}, maxUnavailable {r.max_unavailable or '1'}); about "
+    for r in plan.rollouts:
+        if r.follow == "daemonset":
+            w(f"\nRollout [{r.control}]: {r.how}: {r.pods} calico-node pod(s) restart, {r.batch} "
+              f"at a time ({r.strategy}, maxUnavailable {r.max_unavailable or '1'}); about "
               f"{human_duration(r.estimate_seconds)} (assuming ~30s per pod).\n"
               "  Pod networking on each node is briefly disturbed while its pod restarts.\n")
+        elif r.follow == "deployment":
+            limits = (f"maxSurge {r.max_surge}, maxUnavailable {r.max_unavailable}"
+                      if r.strategy != "Recreate" else "all at once")
+            w(f"\nRollout [{r.control}]: {r.how}: {r.pods} Typha pod(s) replaced, {r.batch} at "
+              f"a time ({r.strategy}, {limits}); about {human_duration(r.estimate_seconds)} "
+              "(assuming ~30s per pod).\n"
+              "  Each Felix connected to a replaced Typha pod reconnects to another one.\n")
+        elif r.follow == "restart":
+            w(f"\nRollout [{r.control}]: {r.how}: {r.pods} pod(s); about "
+              f"{human_duration(r.estimate_seconds)}.\n")
         else:
-            w(f"\nRollout: none: {r.how}; {r.nodes} node(s); about "
+            nodes = f"; {r.nodes} node(s)" if r.control == "felix-metrics" else ""
+            w(f"\nRollout [{r.control}]: none: {r.how}{nodes}; about "
               f"{human_duration(r.estimate_seconds)}.\n")
     w("\nGuards:\n")
     for g in plan.guards:
@@ -211,8 +241,9 @@ def _print_result(result: RemediationResult, *, apply: bool) -> None:
         return
     head = "FAILED" if result.outcome == "failed" else result.outcome.replace("_", " ")
     print(f"\nAction {result.action_id} {head}: {result.message}")
-    if result.rollout is not None and result.rollout.complete:
-        print(f"  {result.rollout.message}")
+    for report in result.rollouts or ((result.rollout,) if result.rollout else ()):
+        if report.complete:
+            print(f"  [{report.control}] {report.message}")
     if result.verify is not None:
         from reports.outputs import summary_line
 
@@ -229,13 +260,17 @@ class _ProgressView:
         self.task: Task | None = None
 
     def __call__(self, p: RolloutProgress) -> None:
+        what = f"{p.workload}: " if p.workload else ""
         if p.target_generation is None:
-            text = (f"waiting for the operator to update the DaemonSet "
-                    f"({p.elapsed:.0f}s of {p.timeout:.0f}s)")
+            text = (f"waiting for the operator to update the "
+                    f"{p.workload or 'DaemonSet'} ({p.elapsed:.0f}s of {p.timeout:.0f}s)")
+        elif p.workload.startswith("Deployment") and p.control == "kube-controllers-metrics":
+            text = (f"{what}restart: {p.updated}/{p.desired} pod(s) restarted, "
+                    f"{p.available}/{p.desired} Ready ({p.elapsed:.0f}s of {p.timeout:.0f}s)")
         else:
-            text = (f"rollout: {p.updated}/{p.desired} updated, {p.available}/{p.desired} "
-                    f"available, generation {p.observed_generation}/{p.target_generation} "
-                    f"observed ({p.elapsed:.0f}s of {p.timeout:.0f}s)")
+            text = (f"{what}rollout: {p.updated}/{p.desired} updated, {p.available}/"
+                    f"{p.desired} available, generation {p.observed_generation}/"
+                    f"{p.target_generation} observed ({p.elapsed:.0f}s of {p.timeout:.0f}s)")
         fraction = p.updated / p.desired if p.desired else 0.0
         if self.task is None:
             self.task = progress.current().task(text, fraction=fraction, log_updates=True)

@@ -29,10 +29,12 @@ def register(sub: Any) -> None:
     scan.add_argument("--json", action="store_true",
                       help="print one JSON document (the same as --format json)")
     scan.add_argument("--format", choices=OUTPUT_FORMATS, dest="output_format",
-                      help="text (default: a summary per cluster); json (the versioned "
-                      "document, schema in reports/schemas/scan-result.schema.json); sarif "
-                      "(SARIF 2.1.0); junit (JUnit XML: a suite per cluster, a case per "
-                      "node); ocsf (OCSF Compliance Finding events); csv (a row per finding)")
+                      help="text (default: a summary per cluster, a line per control); json "
+                      "(the versioned document, schema in "
+                      "reports/schemas/scan-result.schema.json); sarif (SARIF 2.1.0); junit "
+                      "(JUnit XML: a suite per cluster, a case per node, per control and per "
+                      "control target); ocsf (OCSF Compliance Finding events); csv (a row per "
+                      "finding); every format names each finding's control")
     scan.add_argument("--vantage", metavar="NAME", type=_vantage,
                       help="name where the probes come from, recorded with the scan (e.g. "
                       "corp-network, pod-network; default: $FELIXSCAN_VANTAGE, else the "

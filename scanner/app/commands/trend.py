@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from reports.outputs import csv_cell
-from scanner.app.options import common
+from scanner.app.options import UsageError, common
+from scanner.core.records import CONTROL_IDS
 
 
 def register(sub: Any) -> None:
@@ -24,6 +25,10 @@ def register(sub: Any) -> None:
                    help="only this cluster (repeatable)")
     p.add_argument("--days", type=_positive, default=30, help="how many days back (default 30)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--control", choices=CONTROL_IDS, metavar="ID",
+                   help="one control's figures per cluster and day (its targets as `nodes`; "
+                   "each row gains `control`): " + ", ".join(CONTROL_IDS) + "; default: each "
+                   "cluster as a whole")
     p.add_argument("--nodes", action="store_true",
                    help="list the nodes with the longest current failing streak")
     p.add_argument("--limit", type=_positive, default=50, help="with --nodes: at most N nodes")
@@ -45,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from scanner.db.queries.trends import failing_streaks, trend
     from scanner.db.store import Store
 
+    if args.nodes and args.control:
+        raise UsageError("--nodes lists Felix's failing nodes; it cannot go with --control")
     with Store(database_url(args)) as store:
         check_readable(store)
         if args.nodes:
@@ -52,8 +59,12 @@ def run(args: argparse.Namespace) -> int:
                                                          limit=args.limit)]
             columns = ["cluster", "node", "verdict", "since", "scans", "last_scan_at"]
         else:
-            rows = [p.as_dict() for p in trend(store, clusters=args.cluster, days=args.days)]
+            rows = [p.as_dict() for p in trend(store, clusters=args.cluster, days=args.days,
+                                               control=args.control)]
             columns = ["cluster", "day", "nodes", "failing", "unknown", "ratio", "waived"]
+            if args.control:  # without it, exactly the columns trend always had
+                columns.insert(1, "control")
+                columns.append("status")  # a control with no target that day: compliant?
     emit(rows, columns, args.format)
     return 0
 

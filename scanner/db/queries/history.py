@@ -14,7 +14,12 @@ Definitions the report relies on (all dates and days are UTC):
   whether or not it lies inside the period;
 * changes (by node name, previous -> latest): *new* = absent from the previous scan,
   *removed* = absent from the latest, *fixed* = fail/unknown -> pass,
-  *regressed* = pass -> fail/unknown, *other* = fail <-> unknown.
+  *regressed* = pass -> fail/unknown, *other* = fail <-> unknown;
+* controls: the latest scan's result per control (`control_scans`), Felix's first; the nodes,
+  their changes, the vantages and the day points are Felix's (node_probes of control
+  felix-metrics), the other controls' targets are theirs; `control_series` holds each
+  control's day points (`daily_control_summary`). Rows stored before the control catalogue
+  belong to felix-metrics.
 """
 
 from __future__ import annotations
@@ -31,7 +36,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from scanner import __version__
 from scanner.core.errors import ReportError, StoreError
-from scanner.db.models import ClusterScan, DailyClusterSummary, FindingRow, NodeProbe, ScanRun
+from scanner.core.records import CONTROL_IDS, FELIX
+from scanner.db.models import (
+    OTHER_CONTROLS,
+    ClusterScan,
+    ControlScan,
+    DailyClusterSummary,
+    DailyControlSummary,
+    FindingRow,
+    NodeProbe,
+    ScanRun,
+)
 from scanner.db.store import Store, redact_url
 
 REPORT_TITLE = "Calico Felix metrics endpoint compliance report"
@@ -80,6 +95,9 @@ class NodeEntry:
     addresses: list[dict[str, Any]] | None = None  # every address probed, when more than one
     declared_host: str | None = None
     node_view: Mapping[str, Any] | None = None  # what node-check said on the node, if read
+    # The pod whose spec decided the declared state: calico-node's for Felix's nodes, for
+    # Typha's and kube-controllers' targets the component's pod (`name` is its node).
+    pod: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +109,51 @@ class FindingItem:
     evidence: Mapping[str, Any]
     remediation: str
     waiver: str | None = None  # the waiver in force that accepted it
+    control: str = FELIX  # the control whose check raised it
+
+
+@dataclass(frozen=True, slots=True)
+class ControlEntry:
+    """One control's result in the latest scan (`felix-metrics`, `typha-metrics`,
+    `kube-controllers-metrics`): status, declared state and target counts."""
+
+    control: str
+    status: str  # compliant, non_compliant, error
+    installed: bool  # False: the component is not deployed (nothing to expose)
+    declared_enabled: bool | None
+    declared_source: str | None
+    declared_port: int | None
+    error: str | None
+    targets_total: int
+    targets_pass: int
+    targets_fail: int
+    targets_unknown: int
+    targets_waived: int
+    namespace: str | None
+    workload: str | None  # DaemonSet or Deployment name
+    image: str | None
+    # Typha's and kube-controllers' targets (one per pod and address; `name` is the node, `pod`
+    # the pod), failing first; empty for felix-metrics, whose nodes are ClusterReport.nodes.
+    targets: tuple[NodeEntry, ...] = ()
+    declared_host: str | None = None  # "" = every interface
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPoint:
+    """One day of one control's trend: the counts of the last scan of that day that checked
+    it (`daily_control_summary`)."""
+
+    control: str
+    day: date
+    scan_id: int
+    cluster_scan_id: int
+    status: str
+    targets: int  # Felix's nodes, Typha's or kube-controllers' targets
+    passing: int
+    failing: int
+    unknown: int
+    ratio: float | None  # passing / targets; None when nothing was probed
+    waived: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +247,22 @@ class ClusterReport:
     # them failed.
     vantages: tuple[VantageResult, ...] = ()
     failing_anywhere: tuple[str, ...] = ()
+    # The latest scan's result per control checked, in CONTROL_IDS order (scans stored before
+    # the control catalogue: felix-metrics alone), and each control's day points in the period,
+    # by control then day (`control_trend` groups them).
+    controls: tuple[ControlEntry, ...] = ()
+    control_series: tuple[ControlPoint, ...] = ()
+
+    @property
+    def control_trend(self) -> Mapping[str, tuple[ControlPoint, ...]]:
+        """Each control's day points in the period, oldest first, in CONTROL_IDS order."""
+        out: dict[str, list[ControlPoint]] = {}
+        for point in self.control_series:
+            out.setdefault(point.control, []).append(point)
+        return {control: tuple(points) for control, points in out.items()}
+
+    def control(self, control_id: str) -> ControlEntry | None:
+        return next((c for c in self.controls if c.control == control_id), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +397,8 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
         .join(ScanRun, ScanRun.id == c.run_id)
         .where(c.id == series[-1].cluster_scan_id)).one()
     latest = _ref(latest_row)
-    nodes = _nodes(s, latest_row.id)
+    probes = _probes(s, latest_row.id)
+    nodes = probes.get(FELIX, ())
     previous_row = s.execute(
         select(*_SCAN_COLUMNS)
         .where(c.cluster == name, c.nodes_total > 0, c.started_at < latest_row.started_at)
@@ -336,7 +416,7 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
     else:
         before = {node: verdict for node, verdict in s.execute(
             select(NodeProbe.node, NodeProbe.verdict)
-            .where(NodeProbe.cluster_scan_id == previous_row.id))}
+            .where(NodeProbe.cluster_scan_id == previous_row.id, NodeProbe.control == FELIX))}
         changes = _changes(_ref(previous_row), before, nodes)
 
     vantages = vantage_results(s, name, since, until, latest_id=latest_row.id,
@@ -348,14 +428,14 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
     findings = [
         FindingItem(id=f.finding_id, severity=f.severity, node=f.node, message=f.message,
                     evidence=f.evidence or {}, remediation=f.remediation or "",
-                    waiver=f.waiver)
+                    waiver=f.waiver, control=f.control)
         for f in s.execute(select(FindingRow.finding_id, FindingRow.severity, FindingRow.node,
                                   FindingRow.message, FindingRow.evidence,
-                                  FindingRow.remediation, FindingRow.waiver)
+                                  FindingRow.remediation, FindingRow.waiver, FindingRow.control)
                            .where(FindingRow.cluster_scan_id == latest_row.id)
                            .order_by(FindingRow.id))]
     findings.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.id,
-                                 natural_key(f.node or "")))
+                                 natural_key(f.node or ""), control_rank(f.control)))
     return ClusterReport(
         name=name, latest=latest, install=latest_row.install,
         status=worst or latest_row.status,
@@ -375,7 +455,9 @@ def _cluster(s: Session, name: str, since: date, until: date) -> ClusterReport |
                       probe=snap.get("probe") or {}, timings=latest_row.timings or {},
                       vantage=latest_row.vantage or latest_row.scanner_host),
         nodes_waived=latest_row.nodes_waived or 0, waivers=tuple(latest_row.waivers or ()),
-        vantages=vantages, failing_anywhere=tuple(sorted(failing_anywhere, key=natural_key)))
+        vantages=vantages, failing_anywhere=tuple(sorted(failing_anywhere, key=natural_key)),
+        controls=control_entries(s, latest_row.id, probes),
+        control_series=_control_series(s, name, since, until))
 
 
 def _ref(row: Any) -> ScanRef:
@@ -389,16 +471,87 @@ _NODE_COLUMNS = (NodeProbe.node.label("name"), NodeProbe.address, NodeProbe.port
                  NodeProbe.node_ready, NodeProbe.tls_version, NodeProbe.tls_subject,
                  NodeProbe.tls_issuer, NodeProbe.tls_self_signed, NodeProbe.tls_not_after,
                  NodeProbe.tls_sha256, NodeProbe.felix_host, NodeProbe.error,
-                 NodeProbe.addresses, NodeProbe.declared_host, NodeProbe.node_view)
+                 NodeProbe.addresses, NodeProbe.declared_host, NodeProbe.node_view,
+                 NodeProbe.pod)
 
 
-def _nodes(s: Session, cluster_scan_id: int) -> tuple[NodeEntry, ...]:
+def _probes(s: Session, cluster_scan_id: int) -> dict[str, tuple[NodeEntry, ...]]:
+    """Every probe row of a scan by control (Felix's nodes under FELIX), each list failing
+    first: one query, whatever the controls."""
     # Plain column tuples, not ORM objects: at 5,000 nodes identity-mapping them costs more
     # than the query.
-    rows = [NodeEntry(**r._mapping) for r in s.execute(
-        select(*_NODE_COLUMNS).where(NodeProbe.cluster_scan_id == cluster_scan_id))]
-    rows.sort(key=lambda n: (VERDICT_ORDER.get(n.verdict, 2), natural_key(n.name), n.port))
+    by_control: dict[str, list[NodeEntry]] = {}
+    for r in s.execute(select(NodeProbe.control, *_NODE_COLUMNS)
+                       .where(NodeProbe.cluster_scan_id == cluster_scan_id)):
+        fields = r._asdict()
+        by_control.setdefault(fields.pop("control"), []).append(NodeEntry(**fields))
+    return {control: _sorted_nodes(rows) for control, rows in by_control.items()}
+
+
+def _sorted_nodes(rows: list[NodeEntry]) -> tuple[NodeEntry, ...]:
+    rows.sort(key=lambda n: (VERDICT_ORDER.get(n.verdict, 2), natural_key(n.name), n.port,
+                             n.pod or ""))
     return tuple(rows)
+
+
+def control_rank(control: str) -> tuple[int, str]:
+    """Sort key: the controls in CONTROL_IDS order, any other after them by name."""
+    return (CONTROL_IDS.index(control) if control in CONTROL_IDS else len(CONTROL_IDS), control)
+
+
+_CONTROL_COLUMNS = (ControlScan.control, ControlScan.status, ControlScan.installed,
+                    ControlScan.declared_enabled, ControlScan.declared_source,
+                    ControlScan.declared_port, ControlScan.error, ControlScan.targets_total,
+                    ControlScan.targets_pass, ControlScan.targets_fail,
+                    ControlScan.targets_unknown, ControlScan.targets_waived,
+                    ControlScan.namespace, ControlScan.workload, ControlScan.image,
+                    ControlScan.declared_host)
+
+
+def control_entries(s: Session, cluster_scan_id: int,
+                    probes: Mapping[str, tuple[NodeEntry, ...]] | None = None
+                    ) -> tuple[ControlEntry, ...]:
+    """The controls of one cluster scan in CONTROL_IDS order, each but Felix's with its
+    targets: from `probes` (the scan's probe rows by control) when given, else read."""
+    rows = s.execute(select(*_CONTROL_COLUMNS)
+                     .where(ControlScan.cluster_scan_id == cluster_scan_id)).all()
+    if probes is None:
+        probes = other_targets(s, cluster_scan_id) if any(
+            r.control != FELIX and r.targets_total for r in rows) else {}
+    entries = [ControlEntry(**r._asdict(),
+                            targets=() if r.control == FELIX else probes.get(r.control, ()))
+               for r in rows]
+    entries.sort(key=lambda c: control_rank(c.control))
+    return tuple(entries)
+
+
+def other_targets(s: Session, cluster_scan_id: int) -> dict[str, tuple[NodeEntry, ...]]:
+    """The probe rows of one scan's controls other than Felix's, by control, without reading
+    Felix's nodes (a partial index holds only these rows)."""
+    by_control: dict[str, list[NodeEntry]] = {}
+    for r in s.execute(select(NodeProbe.control, *_NODE_COLUMNS)
+                       .where(NodeProbe.cluster_scan_id == cluster_scan_id,
+                              OTHER_CONTROLS)):
+        fields = r._asdict()
+        by_control.setdefault(fields.pop("control"), []).append(NodeEntry(**fields))
+    return {control: _sorted_nodes(rows) for control, rows in by_control.items()}
+
+
+def _control_series(s: Session, name: str, since: date,
+                    until: date) -> tuple[ControlPoint, ...]:
+    d = DailyControlSummary
+    points = [
+        ControlPoint(control=r.control, day=r.day, scan_id=r.run_id,
+                     cluster_scan_id=r.last_cluster_scan_id, status=r.status,
+                     targets=r.targets, passing=r.passing, failing=r.failing, unknown=r.unknown,
+                     ratio=r.passing / r.targets if r.targets else None, waived=r.waived or 0)
+        for r in s.execute(
+            select(d.control, d.day, ClusterScan.run_id, d.last_cluster_scan_id, d.status,
+                   d.targets, d.passing, d.failing, d.unknown, d.waived)
+            .join(ClusterScan, ClusterScan.id == d.last_cluster_scan_id)
+            .where(d.cluster == name, d.day >= since, d.day <= until))]
+    points.sort(key=lambda p: (control_rank(p.control), p.day))
+    return tuple(points)
 
 
 def _changes(previous: ScanRef, before: Mapping[str, str],
@@ -470,6 +623,7 @@ def vantage_results(s: Session, name: str, since: date, until: date | None, *, l
         failing = latest_failing if row.id == latest_id and latest_failing is not None \
             else tuple(s.scalars(
             select(NodeProbe.node).where(NodeProbe.cluster_scan_id == row.id,
+                                         NodeProbe.control == FELIX,
                                          NodeProbe.verdict == "fail").distinct()))
         out.append(VantageResult(vantage=row.vantage, scan=_ref(row), failing=failing,
                                  unknown=row.nodes_unknown))
@@ -481,6 +635,7 @@ def _scan_ids(report: ClusterReport) -> Iterable[int]:
     yield report.latest.scan_id
     yield from (v.scan.scan_id for v in report.vantages)
     yield from (p.scan_id for p in report.series)
+    yield from (p.scan_id for p in report.control_series)
     if report.changes is not None:
         yield report.changes.previous.scan_id
 

@@ -1,15 +1,19 @@
 """The database's figures behind `/metrics` (`scanner.web.metrics`): each cluster's latest scan,
-from the newest `daily_cluster_summary` row and one index probe into `cluster_scans`.
+from the newest `daily_cluster_summary` row and one index probe into `cluster_scans`, and that
+scan's status per control (`control_scans`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import and_, func, select
 
+from scanner.core.records import FELIX
 from scanner.db.models import ClusterScan, DailyClusterSummary
+from scanner.db.queries.pages import latest_controls
 from scanner.db.store import Store
 
 
@@ -26,6 +30,9 @@ class ClusterState:
     last_scan: datetime  # when the latest scan started
     last_success: datetime | None  # when the latest scan that was not an error started
     waived: int = 0  # failing nodes whose risk a waiver in force accepted
+    # control -> its status in the latest scan, in CONTROL_IDS order (`status` is the worst;
+    # scans stored before the control catalogue: felix-metrics alone)
+    controls: Mapping[str, str] = field(default_factory=dict)
 
 
 def cluster_states(store: Store) -> list[ClusterState]:
@@ -42,4 +49,6 @@ def cluster_states(store: Store) -> list[ClusterState]:
              .join(newest, and_(newest.c.cluster == d.cluster, newest.c.day == d.day))
              .order_by(d.cluster))
     with store.reading() as s:
-        return [ClusterState(*row) for row in s.execute(query)]
+        controls = latest_controls(s)
+        return [ClusterState(*row, controls=controls.get(row[0]) or {FELIX: row[1]})
+                for row in s.execute(query)]

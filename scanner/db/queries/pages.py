@@ -8,16 +8,18 @@ The trend rows of `/api/trend` come from `scanner.db.queries.trends`, as for `fe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import and_, case, func, select, text
 from sqlalchemy.orm import Session
 
+from scanner.core.records import FELIX
 from scanner.db.models import (
     ClusterScan,
+    ControlScan,
     DailyClusterSummary,
     FindingRow,
     NodeProbe,
@@ -25,7 +27,14 @@ from scanner.db.models import (
     RemediationAction,
     ScanRun,
 )
-from scanner.db.queries.history import DayPoint, VantageResult, vantage_results
+from scanner.db.queries.history import (
+    ControlEntry,
+    DayPoint,
+    VantageResult,
+    control_entries,
+    control_rank,
+    vantage_results,
+)
 from scanner.db.store import Store
 
 T = TypeVar("T")
@@ -55,6 +64,10 @@ class LatestScan:
     error: str | None
     declared_host: str | None = None  # "" = every interface; a loopback address: loopback only
     waived: int = 0  # failing nodes whose risk a waiver in force accepted
+    # control -> its status in this scan, in CONTROL_IDS order (scans stored before the control
+    # catalogue: felix-metrics alone). `status` is the worst of them; the node counts and the
+    # declared state above are Felix's.
+    controls: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +85,7 @@ class ClusterOverview:
     name: str
     latest: LatestScan | None  # None: configured but never scanned
     points: tuple[SparkPoint, ...]  # one per day with a scan, oldest first
+    controls: Mapping[str, str] = field(default_factory=dict)  # the latest scan's, by control
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +123,7 @@ class FindingView:
     node: str | None
     message: str
     remediation: str
+    control: str = FELIX  # the control whose check raised it
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +165,9 @@ class ClusterPage:
     remediation: tuple[RemediationView, ...]  # newest first
     # The latest scan in the shown period from each vantage point, the latest one first.
     vantages: tuple[VantageResult, ...] = ()
+    # The latest scan's result per control, in CONTROL_IDS order, Typha's and
+    # kube-controllers' with their targets (Felix's nodes are `issues` and the scans' counts).
+    controls: tuple[ControlEntry, ...] = ()
 
 
 def _read(store: Store, work: Callable[[Session], T]) -> T:
@@ -179,12 +197,30 @@ def _latest_query() -> Any:
             .join(newest, and_(newest.c.cluster == D.cluster, newest.c.day == D.day)))
 
 
-def _latest(row: Any) -> LatestScan:
+def _latest(row: Any, controls: Mapping[str, Mapping[str, str]]) -> LatestScan:
     return LatestScan(cluster=row[0], cluster_scan_id=row[1], scan_id=row[2], started_at=row[3],
                       finished_at=row[4], status=row[5], install=row[6],
                       declared_enabled=row[7], declared_source=row[8], declared_port=row[9],
                       nodes=row[10], passing=row[11], failing=row[12], unknown=row[13],
-                      error=row[14], declared_host=row[15], waived=row[16] or 0)
+                      error=row[14], declared_host=row[15], waived=row[16] or 0,
+                      controls=controls.get(row[0]) or {FELIX: row[5]})
+
+
+def latest_controls(s: Session, cluster: str | None = None) -> dict[str, dict[str, str]]:
+    """cluster -> control -> status in the cluster's latest scan (the one its newest
+    `daily_cluster_summary` row names), in CONTROL_IDS order; one query for the fleet."""
+    newest = (select(D.cluster, func.max(D.day).label("day")).group_by(D.cluster)
+              .subquery("newest"))
+    q = (select(D.cluster, ControlScan.control, ControlScan.status)
+         .join(newest, and_(newest.c.cluster == D.cluster, newest.c.day == D.day))
+         .join(ControlScan, ControlScan.cluster_scan_id == D.last_cluster_scan_id))
+    if cluster is not None:
+        q = q.where(D.cluster == cluster)
+    found: dict[str, list[tuple[str, str]]] = {}
+    for name, control, status in s.execute(q):
+        found.setdefault(name, []).append((control, status))
+    return {name: dict(sorted(pairs, key=lambda p: control_rank(p[0])))
+            for name, pairs in found.items()}
 
 
 def known_clusters(store: Store) -> list[str]:
@@ -195,7 +231,8 @@ def fleet_overview(store: Store, *, since: date,
                    configured: Sequence[str] = ()) -> list[ClusterOverview]:
     """Every cluster with scans or in the configuration: its latest scan and daily points."""
     def work(s: Session) -> list[ClusterOverview]:
-        latest = {r[0]: _latest(r) for r in s.execute(_latest_query())}
+        controls = latest_controls(s)
+        latest = {r[0]: _latest(r, controls) for r in s.execute(_latest_query())}
         points: dict[str, list[SparkPoint]] = {}
         # Ordered by day alone, so the day index serves the range; each cluster's list
         # still comes out oldest first.
@@ -205,7 +242,8 @@ def fleet_overview(store: Store, *, since: date,
             points.setdefault(cluster, []).append(SparkPoint(
                 day, status, nodes, failing, unknown, passing / nodes if nodes else None))
         names = sorted(set(latest) | set(configured))
-        return [ClusterOverview(name=n, latest=latest.get(n), points=tuple(points.get(n, ())))
+        return [ClusterOverview(name=n, latest=latest.get(n), points=tuple(points.get(n, ())),
+                                controls=latest[n].controls if n in latest else {})
                 for n in names]
     return _read(store, work)
 
@@ -217,7 +255,7 @@ def cluster_page(store: Store, name: str, *, since: date, scans: int = 30, issue
         row = s.execute(_latest_query().where(D.cluster == name)).first()
         if row is None:
             return None
-        latest = _latest(row)
+        latest = _latest(row, latest_controls(s, name))
         series = tuple(
             DayPoint(day=r.day, scan_id=r.run_id, cluster_scan_id=r.last_cluster_scan_id,
                      status=r.status, nodes=r.nodes, passing=r.passing, failing=r.failing,
@@ -236,6 +274,7 @@ def cluster_page(store: Store, name: str, *, since: date, scans: int = 30, issue
                    NodeProbe.address, NodeProbe.port, NodeProbe.state, NodeProbe.error)
             .outerjoin(NodeProbe, and_(NodeProbe.cluster_scan_id == latest.cluster_scan_id,
                                        NodeProbe.node == NodeState.node,
+                                       NodeProbe.control == FELIX,
                                        NodeProbe.verdict != "pass"))
             .where(*issue_filter)
             .order_by(NodeState.verdict, NodeState.since, NodeState.node).limit(issues))
@@ -244,7 +283,7 @@ def cluster_page(store: Store, name: str, *, since: date, scans: int = 30, issue
                                   .where(finding_filter)) or 0
         finding_rows = s.execute(
             select(FindingRow.finding_id, FindingRow.severity, FindingRow.node,
-                   FindingRow.message, FindingRow.remediation)
+                   FindingRow.message, FindingRow.remediation, FindingRow.control)
             .where(finding_filter).order_by(_SEVERITY_RANK, FindingRow.finding_id,
                                             FindingRow.node, FindingRow.id).limit(findings))
         action_rows = s.scalars(select(RemediationAction)
@@ -262,7 +301,8 @@ def cluster_page(store: Store, name: str, *, since: date, scans: int = 30, issue
                                 message=a.message, objects=len(a.objects or []))
                 for a in action_rows),
             vantages=vantage_results(s, name, since, None,
-                                     latest_id=latest.cluster_scan_id))
+                                     latest_id=latest.cluster_scan_id),
+            controls=control_entries(s, latest.cluster_scan_id))
     return _read(store, work)
 
 

@@ -1,9 +1,10 @@
 """Retention: prune raw probes past a horizon; remember rendered reports so their evidence stays.
 
-Part of the store layer. Pruning deletes node probes and node-level findings of scans older
-than the horizon in small batches (each its own short transaction, so no long lock), keeps the
-cluster scans, cluster-level findings and rollups, and never touches a scan that a stored
-report refers to. Nothing is deleted unless a horizon is given.
+Part of the store layer. Pruning deletes node probes (every control's targets) and node-level
+findings of scans older than the horizon in small batches (each its own short transaction, so
+no long lock), keeps the cluster scans, their control results (`control_scans`), cluster-level
+findings and rollups, and never touches a scan that a stored report refers to. Nothing is
+deleted unless a horizon is given.
 """
 
 from __future__ import annotations

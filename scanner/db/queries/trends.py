@@ -1,8 +1,10 @@
-"""Trend queries for analysts: per cluster and day, and the nodes that keep failing.
+"""Trend queries for analysts: per cluster (or per cluster and control) and day, and the nodes
+that keep failing.
 
 Part of the store layer (it opens SQLAlchemy sessions). Reads only the rollups that every scan
-keeps up to date in its own transaction (`daily_cluster_summary`, `node_states`), so a year of
-a fleet answers in O(clusters x days) and O(failing nodes), never O(probes).
+keeps up to date in its own transaction (`daily_cluster_summary`, `daily_control_summary`,
+`node_states`), so a year of a fleet answers in O(clusters x days) and O(failing nodes), never
+O(probes). Streaks are Felix's nodes'.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import aliased
 
-from scanner.db.models import DailyClusterSummary, NodeState
+from scanner.db.models import DailyClusterSummary, DailyControlSummary, NodeState
 from scanner.db.store import Store
 
 
@@ -29,12 +31,19 @@ class TrendPoint:
     status: str
     scans: int  # scans of the cluster that day
     waived: int = 0  # failing nodes whose risk a waiver in force accepted (not in `failing`)
+    # None: the cluster as a whole (status the worst of its controls, counts Felix's nodes);
+    # a control ID: that control's figures, `nodes` its targets, `scans` the scans checking it.
+    control: str | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {"cluster": self.cluster, "day": self.day.isoformat(), "nodes": self.nodes,
-                "failing": self.failing, "unknown": self.unknown,
-                "ratio": None if self.ratio is None else round(self.ratio, 6),
-                "status": self.status, "scans": self.scans, "waived": self.waived}
+        row: dict[str, object] = {
+            "cluster": self.cluster, "day": self.day.isoformat(), "nodes": self.nodes,
+            "failing": self.failing, "unknown": self.unknown,
+            "ratio": None if self.ratio is None else round(self.ratio, 6),
+            "status": self.status, "scans": self.scans, "waived": self.waived}
+        if self.control is not None:
+            row["control"] = self.control
+        return row
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +62,17 @@ class Streak:
 
 
 def trend(store: Store, *, clusters: Sequence[str] = (), days: int = 30,
-          today: date | None = None) -> list[TrendPoint]:
-    """One point per cluster and UTC day over the last `days` days (today included)."""
+          today: date | None = None, control: str | None = None) -> list[TrendPoint]:
+    """One point per cluster and UTC day over the last `days` days (today included).
+
+    `control` None: each cluster as a whole (`daily_cluster_summary`); a control ID: that
+    control's figures (`daily_control_summary`), each point naming it, its `nodes` the
+    control's targets.
+    """
     today = today or datetime.now(UTC).date()
     first = today - timedelta(days=max(days, 1) - 1)
+    if control is not None:
+        return _control_trend(store, control, clusters=clusters, first=first, today=today)
     t = DailyClusterSummary
     # Plain columns, not ORM entities: a year of a fleet is thousands of rows, and building
     # mapped objects for them would cost more than the query.
@@ -70,6 +86,23 @@ def trend(store: Store, *, clusters: Sequence[str] = (), days: int = 30,
                            unknown=unknown, ratio=passing / nodes if nodes else None,
                            status=status, scans=scans, waived=waived)
                 for cluster, day, nodes, passing, failing, unknown, status, scans, waived
+                in s.execute(stmt)]
+
+
+def _control_trend(store: Store, control: str, *, clusters: Sequence[str], first: date,
+                   today: date) -> list[TrendPoint]:
+    t = DailyControlSummary
+    stmt = (select(t.cluster, t.day, t.targets, t.passing, t.failing, t.unknown, t.status,
+                   t.scans, t.waived)
+            .where(t.control == control, t.day >= first, t.day <= today)
+            .order_by(t.cluster, t.day))
+    if clusters:
+        stmt = stmt.where(t.cluster.in_(list(clusters)))
+    with store.reading() as s:
+        return [TrendPoint(cluster=cluster, day=day, nodes=targets, failing=failing,
+                           unknown=unknown, ratio=passing / targets if targets else None,
+                           status=status, scans=scans, waived=waived, control=control)
+                for cluster, day, targets, passing, failing, unknown, status, scans, waived
                 in s.execute(stmt)]
 
 
