@@ -24,7 +24,15 @@ from pathlib import Path
 from scanner.core.config import ClusterSettings, ProbeConfig, Settings
 from scanner.core.errors import FelixscanError
 from scanner.db.store import Store
-from scanner.emulator import ClusterHandle, KubeEmulator, NodeSpec, build_calico_cluster
+from scanner.emulator import (
+    ClusterHandle,
+    ComponentHandle,
+    KubeEmulator,
+    NodeSpec,
+    add_kube_controllers,
+    add_typha,
+    build_calico_cluster,
+)
 from scanner.emulator.apiserver import write_kubeconfig
 from scanner.emulator.nodes import NodeFleet, address_for
 from scanner.scan import ScanOutcome, run_scan
@@ -32,7 +40,7 @@ from scanner.telemetry import progress
 
 DATA = Path(__file__).resolve().parents[1] / "emulator" / "data"
 FELIX_API = "crd.projectcalico.org/v1"
-DEMO_NODES = 26  # fits one /24 block
+DEMO_NODES = 26  # fits one /24 block, with the kube-controllers pod IPs
 _BLOCKS = [f"127.{second}.{third}.0" for second in range(50, 60) for third in range(0, 256, 16)]
 
 
@@ -85,6 +93,21 @@ class _Fleet:
         cluster = _Cluster(name=name, handle=handle, addresses=addresses)
         self.clusters[name] = cluster
         return cluster
+
+    def components(self, cluster: _Cluster, *, version: str, typha_nodes: int,
+                   kcc_port: int) -> ComponentHandle:
+        """Typha (metrics off, as shipped) on the first nodes, and calico-kube-controllers with
+        KubeControllersConfiguration `default` at `kcc_port` (9094 as shipped: on)."""
+        nodes = list(cluster.addresses)
+        add_typha(cluster.handle, deployment_yaml=DATA
+                  / f"{version}-calico-typha-deployment-calico-typha.yaml",
+                  nodes=nodes[:typha_nodes], fleet=self.nodes)
+        pod_ip = address_for(self._next, base=self.base)
+        self._next += 1
+        return add_kube_controllers(
+            cluster.handle, deployment_yaml=DATA
+            / f"{version}-calico-deployment-calico-kube-controllers.yaml",
+            pod_ip=pod_ip, kcc_port=kcc_port, fleet=self.nodes, node=nodes[-1])
 
     def settings(self, database: str) -> Settings:
         kubeconfig = write_kubeconfig(self.workdir / "demo-kubeconfig",
@@ -166,11 +189,19 @@ def run_demo(out_dir: Path, *, days: int = 7, echo: Callable[[str], None] = prin
                          env={"FELIX_PROMETHEUSMETRICSENABLED": "true"})
         west = fleet.add("prod-west", count=8, version="v3.32.1", kind="closed",
                          install="operator")
-        fleet.add("staging", count=6, version="v3.30.7", kind="closed")
+        staging = fleet.add("staging", count=6, version="v3.30.7", kind="closed")
+        fleet.components(east, version="v3.32.1", typha_nodes=3, kcc_port=0)
+        fleet.components(west, version="v3.32.1", typha_nodes=2, kcc_port=0)
+        staging_kc = fleet.components(staging, version="v3.30.7", typha_nodes=2, kcc_port=9094)
         settings = fleet.settings(db)
         store = stack.enter_context(Store(db))
         for day in range(days):
             when = first + timedelta(days=day)
+            if day == 2:
+                echo("  staging: kube-controllers' metrics (on by default) turned off: "
+                     "prometheusMetricsPort: 0; kube-controllers restarts")
+                staging_kc.set_kcc_port(0)
+                staging_kc.restart()
             if day == fix_day:
                 echo("  prod-east: FELIX_PROMETHEUSMETRICSENABLED=false set on the DaemonSet; "
                      "the rollout reaches 9 of 12 nodes tonight")
