@@ -79,11 +79,18 @@ def felix_param(env_name: str) -> str | None:
 
 def felix_version(image: str | None) -> tuple[int, int, int] | None:
     """Calico's version from a calico/node image reference (`...calico/node:v3.32.1`)."""
+    return image_version(image, repo="calico/node")
+
+
+def image_version(image: str | None, *, repo: str | None = None
+                  ) -> tuple[int, int, int] | None:
+    """Calico's version from an image reference's `vX.Y.Z` tag; with `repo`, only when the
+    image is that repository (`calico/node`)."""
     if not image:
         return None
     ref = image.split("@", 1)[0]
-    repo, _, tag = ref.rpartition(":")
-    if "/" in tag or not repo.endswith("calico/node"):
+    name, _, tag = ref.rpartition(":")
+    if "/" in tag or (repo is not None and not name.endswith(repo)):
         return None
     match = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)(?:[-+].*)?", tag)
     return (int(match[1]), int(match[2]), int(match[3])) if match else None

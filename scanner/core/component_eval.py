@@ -22,7 +22,12 @@ from scanner.core.components import (
     pod_addresses,
     running_pods,
 )
-from scanner.core.evaluate import _probe_evidence, deciding_probe, node_verdict
+from scanner.core.evaluate import (
+    _hostport,
+    _probe_evidence,
+    deciding_probe,
+    node_verdict,
+)
 from scanner.core.findings import RULES, SEVERITY_ORDER, component_remediation
 from scanner.core.records import (
     KUBE_CONTROLLERS,
@@ -242,17 +247,3 @@ def _result(control: str, status: ClusterStatus, declared: Declared | None,
                          namespace=component.namespace if component else None,
                          workload=component.deployment if component else None,
                          image=component.image if component else None)
-
-
-def _hostport(probe: ProbeResult) -> str:
-    address = probe.address or "?"
-    return f"[{address}]:{probe.port}" if ":" in address else f"{address}:{probe.port}"
-
-
-def worst(statuses: Sequence[ClusterStatus]) -> ClusterStatus:
-    """A cluster's status from its controls': compliant only if every one is."""
-    if "non_compliant" in statuses:
-        return "non_compliant"
-    if "error" in statuses:
-        return "error"
-    return "compliant"

@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from scanner.core.calico import image_version
 from scanner.core.felix_params import (
     _HOST_ADDRESS_RE,
     _STRING_RE,
@@ -241,14 +242,7 @@ def _typha_hit(param: str, env: Sequence[EnvVar], cf: ConfigFile | None, label: 
 
 def component_version(image: str | None) -> tuple[int, int, int] | None:
     """Calico's version from any calico image reference (`.../calico/typha:v3.32.1`)."""
-    import re
-
-    if not image:
-        return None
-    ref = image.split("@", 1)[0]
-    _repo, _, tag = ref.rpartition(":")
-    match = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)(?:[-+].*)?", tag)
-    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+    return image_version(image)
 
 
 def _vtext(image: str | None) -> str | None:

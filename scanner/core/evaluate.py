@@ -435,6 +435,15 @@ def failed_cluster(cluster: str, error: str, *, started_at: datetime, finished_a
                          snapshot=None, timings=dict(timings or {}), controls=results)
 
 
+def worst(statuses: Sequence[ClusterStatus]) -> ClusterStatus:
+    """A cluster's status from its controls': compliant only if every one is."""
+    if "non_compliant" in statuses:
+        return "non_compliant"
+    if "error" in statuses:
+        return "error"
+    return "compliant"
+
+
 def felix_control(result: ClusterResult) -> ControlResult:
     """Felix's own fields of a ClusterResult as its felix-metrics control result."""
     snapshot = result.snapshot
@@ -457,9 +466,7 @@ def with_controls(result: ClusterResult, snapshot: ClusterSnapshot, controls: Se
         results.append(felix_control(result) if control == FELIX else others[control])
     findings = [f for r in results for f in r.findings]
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.id, f.node or "", f.control))
-    statuses = [r.status for r in results]
-    status: ClusterStatus = ("non_compliant" if "non_compliant" in statuses
-                             else "error" if "error" in statuses else "compliant")
+    status = worst([r.status for r in results])
     errors = [f"{r.control}: {r.error}" for r in results if r.error]
     felix = FELIX in controls
     return replace(result, status=status, controls=tuple(results), findings=tuple(findings),

@@ -13,9 +13,8 @@ from scanner.core.component_eval import (
     component_declared,
     evaluate_component,
     targets_for,
-    worst,
 )
-from scanner.core.evaluate import evaluate, failed_cluster, with_controls
+from scanner.core.evaluate import evaluate, failed_cluster, with_controls, worst
 from scanner.core.records import (
     FELIX,
     KUBE_CONTROLLERS,
