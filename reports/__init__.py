@@ -11,18 +11,50 @@ Public API::
 
 Only `reports/` imports Jinja2 and WeasyPrint (WeasyPrint lazily, on the PDF path only).
 Signing is `reports.signing` (pyHanko), imported only where a PDF is signed or verified.
+
+The names above are imported when first used: `reports.outputs` (what `felixscan scan` prints)
+must not pay for the report builder and the database layer it reads.
 """
 
-from reports.build import (
-    CheckLine,
-    Outcome,
-    ReportInfo,
-    ReportVerification,
-    build_report,
-    verify_report,
-)
-from reports.integrity import ATTACHMENT_NAME, VerifyResult, canonical_json, report_hash, verify_pdf
-from reports.render import pdf_variants, render_html, render_pdf
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reports.build import (
+        CheckLine,
+        Outcome,
+        ReportInfo,
+        ReportVerification,
+        build_report,
+        verify_report,
+    )
+    from reports.integrity import (
+        ATTACHMENT_NAME,
+        VerifyResult,
+        canonical_json,
+        report_hash,
+        verify_pdf,
+    )
+    from reports.render import pdf_variants, render_html, render_pdf
+
+_HOME = {
+    "CheckLine": "reports.build",
+    "Outcome": "reports.build",
+    "ReportInfo": "reports.build",
+    "ReportVerification": "reports.build",
+    "build_report": "reports.build",
+    "verify_report": "reports.build",
+    "ATTACHMENT_NAME": "reports.integrity",
+    "VerifyResult": "reports.integrity",
+    "canonical_json": "reports.integrity",
+    "report_hash": "reports.integrity",
+    "verify_pdf": "reports.integrity",
+    "pdf_variants": "reports.render",
+    "render_html": "reports.render",
+    "render_pdf": "reports.render",
+}
 
 __all__ = [
     "ATTACHMENT_NAME",
@@ -40,3 +72,16 @@ __all__ = [
     "verify_pdf",
     "verify_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'reports' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

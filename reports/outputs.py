@@ -423,7 +423,8 @@ def _report_cluster(c: ClusterReport) -> ClusterDoc:
                    "unknown": c.nodes_unknown, "waived": c.nodes_waived},
         "waivers": [dict(w) for w in c.waivers],
         # Scans stored before the control catalogue: Felix's alone, from the cluster's fields.
-        "controls": [_report_control(e, c) for e in c.controls] or [_report_felix(c)],
+        "controls": [report_control(e, felix_host=c.declared.get("host"))
+                     for e in c.controls] or [_report_felix(c)],
         "vantages": [{"vantage": v.vantage, "scan_id": v.scan.scan_id,
                       "started_at": _iso(v.scan.started_at), "status": v.scan.status,
                       "failing": list(v.failing), "unknown": v.unknown}
@@ -434,10 +435,14 @@ def _report_cluster(c: ClusterReport) -> ClusterDoc:
     }
 
 
-def _report_control(e: ControlEntry, c: ClusterReport) -> ControlDoc:
+def report_control(e: ControlEntry, *, felix_host: str | None = None,
+                   targets_in: str = "nodes") -> ControlDoc:
+    """One control's document; felix-metrics's targets are named by `targets_in` (the
+    report's `nodes`, the web API's `nodes_not_passing`), its host `felix_host` when the
+    control's row records none."""
     host = e.declared_host
     if host is None and e.control == FELIX:
-        host = c.declared.get("host")
+        host = felix_host
     doc: ControlDoc = {
         "id": e.control, "status": e.status, "installed": e.installed,
         "declared": {"enabled": e.declared_enabled, "source": e.declared_source,
@@ -446,7 +451,7 @@ def _report_control(e: ControlEntry, c: ClusterReport) -> ControlDoc:
         "totals": {"targets": e.targets_total, "pass": e.targets_pass, "fail": e.targets_fail,
                    "unknown": e.targets_unknown, "waived": e.targets_waived}}
     if e.control == FELIX:
-        doc["targets_in"] = "nodes"
+        doc["targets_in"] = targets_in
     else:
         doc["targets"] = [{"node": t.name, "pod": t.pod, "address": t.address, "port": t.port,
                            "state": t.state, "protocol": t.protocol, "metrics": t.felix,

@@ -6,6 +6,19 @@ certificate, falls back to plain HTTP on a new connection when the peer does not
 sends exactly one `GET /metrics` to tell a Felix endpoint from any other listener. Nothing else is
 ever sent, redirects are recorded and never followed, and every phase has its own deadline, so time
 and memory per node are bounded. A per-node problem never raises: it becomes a `ProbeResult`.
+
+Two memories keep a fleet's repeated scans cheap without changing any result:
+
+- The protocol each (address, port) spoke last time: an explicit `hints` mapping from the caller
+  (the previous scan's stored results), else what earlier probes in this process learned (a
+  bounded LRU). An endpoint that answered plain HTTP is asked in plain HTTP first, on one
+  connection; when the answer is not HTTP (a TLS record, Go's "Client sent an HTTP request to an
+  HTTPS server", a reset, silence...), the probe goes on exactly as without the hint: a TLS
+  attempt on a new connection, and that plain answer stands for the plain retry. A wrong hint
+  costs one connect; the result is the one an unhinted probe records.
+- Certificate facts (subject, issuer, self-signed, validity, SHA-256) are parsed once per distinct
+  certificate, keyed by its digest, after the connections are done: the event loop only keeps
+  the DER bytes, the TLS version and the cipher, so parsing never delays another connection.
 """
 
 from __future__ import annotations
@@ -22,10 +35,13 @@ import resource
 import socket
 import ssl
 import struct
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Generic, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -33,7 +49,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from scanner import __version__
 from scanner.core.records import ProbeResult, ProbeState, ProbeTarget, Protocol, TlsFacts
 
-__all__ = ["ProbeSettings", "probe_many", "probe_nodes", "raise_nofile_limit"]
+__all__ = [
+    "ProbeSettings",
+    "forget_learned",
+    "probe_many",
+    "probe_nodes",
+    "raise_nofile_limit",
+]
 
 NO_ADDRESS = "node has no address of the configured type"
 
@@ -45,6 +67,11 @@ _TLS_READ = 16384  # a TLS record carries at most 16 KiB of plaintext
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _RAMP_BATCH = 256  # workers started per loop turn
 _FD_RESERVE = 64  # descriptors left for the rest of the process (database, logs, ...)
+_PEER_FIRST = 96  # first bytes of an answer kept: a TLS record header, Go's HTTPS refusal
+_PROTOCOLS_KEPT = 65536  # (address, port) -> protocol entries learned in this process
+_CERTS_KEPT = 16384  # parsed certificates kept in this process, by SHA-256 of the DER
+# what Go's crypto/tls server (Felix, Typha) writes when a plain HTTP request reaches it
+_GO_HTTPS_REFUSAL = b"Client sent an HTTP request to an HTTPS server"
 
 _STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? +(\d{3})(?:[ \t].*)?")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -122,13 +149,22 @@ def raise_nofile_limit() -> int:
     return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
+Hints = Mapping[tuple[str, int], str]
+
+
 async def probe_many(targets: Sequence[ProbeTarget], settings: ProbeSettings, *,
                      on_result: Callable[[ProbeTarget, ProbeResult], None] | None = None,
+                     hints: Hints | None = None,
                      ) -> list[ProbeResult]:
     """Probe every target with at most `settings.concurrency` in flight; results in target order.
 
     `on_result(target, result)` is called on the event loop as each target is done (progress);
-    it must be quick and must not raise.
+    it must be quick and must not raise. A result that carries a certificate not seen before is
+    handed over once the certificates are parsed, after the last connection.
+
+    `hints` maps (address, port) to the protocol it spoke last time, "https" or "http" (other
+    values are ignored); a target without a hint uses what earlier probes in this process
+    learned. Hints only choose which protocol is asked first: they never change a result.
     """
     items = list(targets)
     if not items:
@@ -137,15 +173,21 @@ async def probe_many(targets: Sequence[ProbeTarget], settings: ProbeSettings, *,
     fd_room = max(1, raise_nofile_limit() - _FD_RESERVE)
     pool = min(settings.concurrency, len(items), fd_room)
     prober = _Prober(settings, asyncio.get_running_loop())
+    plain_first = _plain_first(items, hints)
     results: list[ProbeResult | None] = [None] * len(items)
+    parked: list[tuple[int, _Unparsed]] = []
     indexes = iter(range(len(items)))
 
     # a fixed pool of workers is a semaphore without a parked task per waiting target
     async def worker() -> None:
         for i in indexes:
-            result = results[i] = await prober.probe(items[i])
+            done = await prober.probe(items[i], plain_first=plain_first[i])
+            if isinstance(done, _Unparsed):
+                parked.append((i, done))
+                continue
+            results[i] = done
             if on_result is not None:
-                on_result(items[i], result)
+                on_result(items[i], done)
 
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -161,19 +203,103 @@ async def probe_many(targets: Sequence[ProbeTarget], settings: ProbeSettings, *,
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    for i, unparsed in parked:
+        results[i] = result = unparsed.complete()
+        if on_result is not None:
+            on_result(items[i], result)
     done = [r for r in results if r is not None]
     assert len(done) == len(items)
+    _PROTOCOLS.learn(done)
     return done
 
 
 def probe_nodes(targets: Sequence[ProbeTarget], settings: ProbeSettings, *,
                 on_result: Callable[[ProbeTarget, ProbeResult], None] | None = None,
+                hints: Hints | None = None,
                 ) -> list[ProbeResult]:
     """Synchronous `probe_many` for callers without an event loop."""
-    return asyncio.run(probe_many(targets, settings, on_result=on_result))
+    return asyncio.run(probe_many(targets, settings, on_result=on_result, hints=hints))
+
+
+def forget_learned() -> None:
+    """Drop what probes in this process learned: protocols per endpoint, parsed certificates."""
+    _PROTOCOLS.clear()
+    _CERTS.clear()
 
 
 # --- internals ------------------------------------------------------------------------------
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class _Lru(Generic[_K, _V]):
+    """A bounded map that forgets its least recently used entry; safe to share across threads
+    (`serve` may probe several clusters at once, each on its own event loop)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._data: OrderedDict[_K, _V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: _K) -> _V | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: _K, value: _V) -> None:
+        with self._lock:
+            self._put(key, value)
+
+    def _put(self, key: _K, value: _V) -> None:
+        data = self._data
+        data[key] = value
+        data.move_to_end(key)
+        while len(data) > self._size:
+            data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+class _ProtocolMemory(_Lru[tuple[str, int], str]):
+    """(address, port) -> "http" or "https": what the endpoint spoke when last probed."""
+
+    def learn(self, results: Sequence[ProbeResult]) -> None:
+        with self._lock:
+            for r in results:
+                if r.address is None:
+                    continue
+                key = (r.address, r.port)
+                if r.protocol in ("http", "https"):
+                    self._put(key, r.protocol)
+                else:
+                    self._data.pop(key, None)  # closed, gone or not HTTP: no longer a hint
+
+
+_PROTOCOLS = _ProtocolMemory(_PROTOCOLS_KEPT)
+
+
+def _plain_first(items: Sequence[ProbeTarget], hints: Hints | None) -> list[bool]:
+    """Per target: ask in plain HTTP first (its hint, else what this process learned, is http)."""
+    flags = []
+    for target in items:
+        if target.address is None:
+            flags.append(False)
+            continue
+        key = (target.address, target.port)
+        hint = hints.get(key) if hints is not None else None
+        if hint not in ("http", "https"):
+            hint = _PROTOCOLS.get(key)
+        flags.append(hint == "http")
+    return flags
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,7 +659,7 @@ class _Exchange:
         self.done: asyncio.Future[None] = loop.create_future()
         self.handshaken = False
         self.handshake_error: str | None = None
-        self.peer_first = b""  # the first raw bytes the peer sent, to tell TLS from plaintext
+        self.peer_first = b""  # the first raw bytes the peer sent: TLS, plaintext, a refusal
         self.error: str | None = None  # a transport or TLS problem after the handshake
         self.timed_out = False  # the HTTP deadline passed before the response was whole
         self.ended = False  # nothing more to read: answered, failed or closed
@@ -594,8 +720,8 @@ class _Exchange:
             self._eof()
             return False
         data = bytes(self._buffer[:nbytes])
-        if len(self.peer_first) < 8:
-            self.peer_first = (self.peer_first + data)[:8]
+        if len(self.peer_first) < _PEER_FIRST:
+            self.peer_first = (self.peer_first + data)[:_PEER_FIRST]
         if self._in is None:
             self.response.feed(data)
             if self.response.finished:
@@ -802,6 +928,44 @@ class _CertInfo:
     error: str | None
 
 
+_CERTS: _Lru[str, _CertInfo] = _Lru(_CERTS_KEPT)  # by the SHA-256 of the DER
+
+
+@dataclass(frozen=True, slots=True)
+class _Unparsed:
+    """A TLS result whose certificate facts are still to be read from the DER.
+
+    `result.tls` has the version, cipher and fingerprint only, and `result.error` lacks the
+    certificate's; `complete()` parses (once per distinct certificate) and fills both in.
+    """
+
+    result: ProbeResult
+    der: bytes
+    http_errors: tuple[str, ...]
+
+    def complete(self) -> ProbeResult:
+        tls = self.result.tls
+        assert tls is not None and tls.sha256 is not None
+        info = _CERTS.get(tls.sha256)
+        if info is None:
+            info = _parse_cert(self.der)
+            _CERTS.put(tls.sha256, info)
+        return _with_cert(self.result, info, self.http_errors)
+
+
+def _with_cert(result: ProbeResult, info: _CertInfo, http_errors: Sequence[str]) -> ProbeResult:
+    assert result.tls is not None
+    tls = replace(
+        result.tls,
+        subject=info.subject,
+        issuer=info.issuer,
+        self_signed=info.self_signed,
+        not_before=info.not_before,
+        not_after=info.not_after,
+    )
+    return replace(result, tls=tls, error=_join(info.error, *http_errors))
+
+
 class _Prober:
     """Per-call state shared by all probes: settings, one TLS context, one receive buffer."""
 
@@ -810,10 +974,14 @@ class _Prober:
         self.loop = loop
         self.ctx = _client_context()
         self.buffer = memoryview(bytearray(_READ_SIZE))
-        # fleets often share one certificate: parse each distinct DER once
-        self.certs: dict[str, _CertInfo] = {}
 
-    async def probe(self, target: ProbeTarget) -> ProbeResult:
+    async def probe(self, target: ProbeTarget, *, plain_first: bool = False
+                    ) -> ProbeResult | _Unparsed:
+        """The target's result; `_Unparsed` when its certificate has not been parsed yet.
+
+        `plain_first`: the endpoint spoke plain HTTP last time, so ask it that way first; any
+        answer that is not HTTP sends the probe down the TLS path as if unhinted.
+        """
         start = time.perf_counter()
 
         def result(
@@ -865,17 +1033,69 @@ class _Prober:
             )
         sock, connect_ms = connected
 
+        plain: _Exchange | None = None
+        if plain_first:
+            plain = await self._exchange(sock, endpoint, tls=False)
+            if plain.response.http_like and _GO_HTTPS_REFUSAL not in plain.peer_first:
+                return result(
+                    "open",
+                    connect_ms=connect_ms,
+                    protocol="http",
+                    response=plain.response,
+                    error=_join(*self._http_errors(plain)),
+                )
+            # not plain HTTP (any more): the TLS attempt an unhinted probe starts with
+            connected = await self._connect(endpoint)
+            if isinstance(connected, _Fail):
+                # the port accepted a connection a moment ago: it stays open
+                return result(
+                    "open",
+                    connect_ms=connect_ms,
+                    protocol="tcp" if connected.state == "open" else None,
+                    error=_join(
+                        *self._http_errors(plain),
+                        f"reconnect for TLS failed: {connected.state}: {connected.text}",
+                    ),
+                )
+            sock = connected[0]
+
         first = await self._exchange(sock, endpoint, tls=True)
         if first.handshaken:
-            tls, cert_error = self._tls_facts(first)
-            return result(
+            tls = TlsFacts(
+                version=first.tls_version,
+                cipher=first.tls_cipher,
+                subject=None,
+                issuer=None,
+                self_signed=None,
+                not_before=None,
+                not_after=None,
+                sha256=None,
+            )
+            http_errors = self._http_errors(first)
+            der = first.peer_cert
+            if not der:
+                return result(
+                    "open",
+                    connect_ms=connect_ms,
+                    protocol="https",
+                    tls=tls,
+                    response=first.response,
+                    error=_join(*http_errors),
+                )
+            # only the digest here; the certificate is parsed once, after the connections
+            tls = replace(tls, sha256=hashlib.sha256(der).hexdigest())
+            done = result(
                 "open",
                 connect_ms=connect_ms,
                 protocol="https",
                 tls=tls,
                 response=first.response,
-                error=_join(cert_error, *self._http_errors(first)),
+                error=None,
             )
+            info = _CERTS.get(tls.sha256 or "")
+            if info is not None:
+                return _with_cert(done, info, http_errors)
+            return _Unparsed(done, der, tuple(http_errors))
         if first.peer_spoke_tls:
             # a TLS server that refused us (e.g. it demands a client certificate): no plain retry
             return result(
@@ -885,35 +1105,36 @@ class _Prober:
                 error=f"TLS handshake failed: {first.handshake_error}",
             )
         tls_note = f"no TLS ({first.handshake_error})"
-        connected = await self._connect(endpoint)
-        if isinstance(connected, _Fail):
-            if connected.state == "open":
+        if plain is None:
+            connected = await self._connect(endpoint)
+            if isinstance(connected, _Fail):
+                if connected.state == "open":
+                    return result(
+                        "open",
+                        connect_ms=connect_ms,
+                        protocol="tcp",
+                        error=f"{tls_note}; {connected.text}",
+                    )
                 return result(
                     "open",
                     connect_ms=connect_ms,
-                    protocol="tcp",
-                    error=f"{tls_note}; {connected.text}",
+                    error=f"{tls_note}; reconnect for plain HTTP failed: "
+                    f"{connected.state}: {connected.text}",
                 )
-            return result(
-                "open",
-                connect_ms=connect_ms,
-                error=f"{tls_note}; reconnect for plain HTTP failed: "
-                f"{connected.state}: {connected.text}",
-            )
-        second = await self._exchange(connected[0], endpoint, tls=False)
-        if not second.response.http_like:
+            plain = await self._exchange(connected[0], endpoint, tls=False)
+        if not plain.response.http_like:
             return result(
                 "open",
                 connect_ms=connect_ms,
                 protocol="tcp",
-                error=_join(tls_note, *self._http_errors(second)),
+                error=_join(tls_note, *self._http_errors(plain)),
             )
         return result(
             "open",
             connect_ms=connect_ms,
             protocol="http",
-            response=second.response,
-            error=_join(*self._http_errors(second)),
+            response=plain.response,
+            error=_join(*self._http_errors(plain)),
         )
 
     def _http_errors(self, exchange: _Exchange) -> list[str]:
@@ -1047,36 +1268,6 @@ class _Prober:
         if exchange.bug is not None:
             raise exchange.bug
         return exchange
-
-    def _tls_facts(self, exchange: _Exchange) -> tuple[TlsFacts, str | None]:
-        der = exchange.peer_cert
-        if not der:
-            facts = TlsFacts(
-                version=exchange.tls_version,
-                cipher=exchange.tls_cipher,
-                subject=None,
-                issuer=None,
-                self_signed=None,
-                not_before=None,
-                not_after=None,
-                sha256=None,
-            )
-            return facts, None
-        fingerprint = hashlib.sha256(der).hexdigest()
-        info = self.certs.get(fingerprint)
-        if info is None:
-            info = self.certs[fingerprint] = _parse_cert(der)
-        facts = TlsFacts(
-            version=exchange.tls_version,
-            cipher=exchange.tls_cipher,
-            subject=info.subject,
-            issuer=info.issuer,
-            self_signed=info.self_signed,
-            not_before=info.not_before,
-            not_after=info.not_after,
-            sha256=fingerprint,
-        )
-        return facts, info.error
 
 
 def _parse_cert(der: bytes) -> _CertInfo:

@@ -1,8 +1,10 @@
 """One scan, top to bottom: collect -> declared state -> probe -> evaluate -> store, per cluster.
 
 `run_scan` is the single library entry point; the CLI, the scheduler, the demo and the tests all
-call it. Clusters are scanned concurrently; one cluster's failure is stored as its ERROR result
-and never stops the others.
+call it. Clusters are scanned concurrently, at most `scan.max_concurrent_clusters` at once (one
+collects while another probes); one cluster's failure is stored as its ERROR result and never
+stops the others. The probe sockets of every cluster probing in this process share one budget
+(`probe_sockets`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import contextvars
 import functools
 import logging
 import socket
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 
@@ -37,6 +40,7 @@ from scanner.core.records import (
     ClusterResult,
     ClusterSnapshot,
     Declared,
+    ProbeResult,
     ProbeTarget,
 )
 from scanner.core.waivers import NO_WAIVERS, WaiverSet, apply_waivers, parse_waivers
@@ -45,12 +49,15 @@ from scanner.db.runs import reconcile_runs
 from scanner.db.store import Store
 from scanner.kube.client import Api, make_api
 from scanner.kube.read import collect
-from scanner.probe import ProbeSettings, probe_nodes
+from scanner.probe import Hints, ProbeSettings, probe_nodes, raise_nofile_limit
 from scanner.telemetry import logs, progress
 
 log = logging.getLogger(__name__)
 
 Collector = Callable[[ClusterSettings], ClusterSnapshot]
+# The protocol each Felix endpoint of a cluster answered with last time (`Store.last_protocols`):
+# the probe speaks it first (a wrong one costs a connect, never a verdict).
+HintSource = Callable[[str], Hints]
 Clock = Callable[[], datetime]
 
 
@@ -94,12 +101,70 @@ def probe_settings(cluster: ClusterSettings) -> ProbeSettings:
                          concurrency=p.concurrency, user_agent=f"felixscan/{__version__}")
 
 
+class ProbeSockets:
+    """A budget of probe sockets shared by every cluster probing in this process.
+
+    Each cluster's probe opens up to `probe.concurrency` sockets at once, in its own thread and
+    event loop; several clusters probing together (`scan.max_concurrent_clusters` in one run,
+    `serve.max_concurrent_scans` runs in serve) would add theirs up past the open-files limit
+    (RLIMIT_NOFILE is per process), and a connect that fails with EMFILE is a probe that did
+    not happen. So a cluster reserves its sockets here before it probes, and gets
+    min(concurrency, targets) when that many are free; when fewer are free it takes what there
+    is, if that is at least `floor` (or all it wants), else it waits for another cluster to
+    finish probing. A smaller pool only queues probes: each probe's own timeouts start at its
+    connect, so no verdict depends on the share a cluster got. A budget (rather than the
+    limit divided by the bound) lets one cluster probing alone use all of it, and covers
+    serve's runs too, which are separate `run_scan` calls in one process.
+    """
+
+    def __init__(self, total: int, *, floor: int = 32) -> None:
+        if total < 1:
+            raise ValueError(f"a budget of at least one socket is needed, not {total}")
+        self.total = total
+        self.floor = max(1, min(floor, total))
+        self._free = total
+        self._changed = threading.Condition()
+
+    @property
+    def free(self) -> int:
+        with self._changed:
+            return self._free
+
+    @contextmanager
+    def reserve(self, want: int) -> Iterator[int]:
+        """The sockets granted (1 to `want`), held until the block ends."""
+        want = max(1, min(want, self.total))
+        with self._changed:
+            while self._free < min(want, self.floor):
+                self._changed.wait()
+            granted = min(want, self._free)
+            self._free -= granted
+        try:
+            yield granted
+        finally:
+            with self._changed:
+                self._free += granted
+                self._changed.notify_all()
+
+
+_FD_RESERVE = 256  # descriptors kept for the rest: database pool, API connections, event loops
+
+
+@functools.cache
+def probe_sockets() -> ProbeSockets:
+    """This process's budget: the open-files limit (raised to its hard limit), less what the
+    database, the API clients, the event loops and the logs need."""
+    limit = raise_nofile_limit()
+    return ProbeSockets(max(1, limit - min(_FD_RESERVE, limit // 2)))
+
+
 def scan_cluster(cluster: ClusterSettings, *, collector: Collector = collect,
-                 clock: Clock = utcnow) -> ClusterResult:
+                 clock: Clock = utcnow, hints: HintSource | None = None) -> ClusterResult:
     """Collect, probe and evaluate one cluster; never raises for the cluster's own faults."""
     with logs.context(cluster=cluster.name), \
             progress.current().cluster(cluster.name) as track:
-        result = _scan_cluster(cluster, collector=collector, clock=clock, track=track)
+        result = _scan_cluster(cluster, collector=collector, clock=clock, track=track,
+                               hints=hints)
         track.scanned(result.status)
         return result
 
@@ -124,7 +189,8 @@ class _Collection:
 
 
 def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Clock,
-                  track: progress.ClusterProgress) -> ClusterResult:
+                  track: progress.ClusterProgress, hints: HintSource | None = None,
+                  ) -> ClusterResult:
     started_at = clock()
     t0 = time.monotonic()
     collection = _Collection(collector)
@@ -145,7 +211,8 @@ def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Cloc
                  t1 - t0, extra=logs.fields(requests=requests, nodes=len(snapshot.nodes),
                                             pods=len(snapshot.pods), seconds=round(t1 - t0, 3)))
     felix = FELIX in cluster.controls
-    declared = resolve_nodes(snapshot)
+    # Without the felix-metrics control nothing of Felix is resolved, probed or evaluated.
+    declared = resolve_nodes(snapshot) if felix else {}
     targets = probe_targets(snapshot, declared, address_type=cluster.probe.address_types,
                             extra_ports=cluster.probe.extra_ports) if felix else []
     # Typha's and kube-controllers' pods, probed where each would listen (a few targets).
@@ -160,11 +227,8 @@ def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Cloc
     with logs.context(phase="probe"):
         track.phase("probe")
         track.targets(targets)
-        probes = probe_nodes(targets, probe_settings(cluster), on_result=track.probed) \
-            if targets else []
-        part_probes = {control: probe_nodes(
-            part_targets, replace(probe_settings(cluster), metric_prefix=METRIC_PREFIX[control]))
-            if part_targets else [] for control, (_d, part_targets) in parts.items()}
+        probes, part_probes = _probe(cluster, targets, parts, track,
+                                     _hints(cluster.name, hints) if targets else None)
         t2 = time.monotonic()
         states = Counter(p.state for p in probes)
         log.info("probe %s: %d targets (%d open, %d closed, %d filtered, %d unreachable, "
@@ -176,10 +240,16 @@ def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Cloc
                      error=states["error"], seconds=round(t2 - t1, 3)))
     track.phase("evaluate")
     with logs.context(phase="evaluate"):
-        result = evaluate(snapshot, declared, probes,
-                          cluster_declared=cluster_declared(snapshot, declared),
-                          started_at=started_at, finished_at=clock(),
-                          timings={"api": t1 - t0, "probe": t2 - t1})
+        timings = {"api": t1 - t0, "probe": t2 - t1}
+        if felix:
+            result = evaluate(snapshot, declared, probes,
+                              cluster_declared=cluster_declared(snapshot, declared),
+                              started_at=started_at, finished_at=clock(), timings=timings)
+        else:  # what with_controls keeps of Felix's result when Felix is not checked
+            result = ClusterResult(cluster=snapshot.cluster, status="compliant",
+                                   install=snapshot.install, declared=None, nodes=(),
+                                   findings=(), error=None, started_at=started_at,
+                                   finished_at=clock(), snapshot=snapshot, timings=timings)
         result = with_controls(result, snapshot, cluster.controls, {
             control: evaluate_component(snapshot, control, parts.get(control, ({}, []))[0],
                                         part_probes.get(control, []),
@@ -187,7 +257,7 @@ def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Cloc
                                         started_at=started_at)
             for control in cluster.controls if control != FELIX})
     p = cluster.probe
-    return replace(result, method={
+    return replace(result, timings={**timings, "evaluate": time.monotonic() - t2}, method={
         "address_type": p.address_type, "address_types": list(p.address_types),
         "timeout_seconds": p.timeout_seconds, "tls_timeout_seconds": p.tls_timeout_seconds,
         "http_timeout_seconds": p.http_timeout_seconds,
@@ -195,11 +265,39 @@ def _scan_cluster(cluster: ClusterSettings, *, collector: Collector, clock: Cloc
         "targets": len(targets), "api_timeout_seconds": cluster.api_timeout_seconds})
 
 
+def _probe(cluster: ClusterSettings, targets: list[ProbeTarget],
+           parts: Mapping[str, tuple[dict[str, Declared], list[ProbeTarget]]],
+           track: progress.ClusterProgress, hints: Hints | None = None,
+           ) -> tuple[list[ProbeResult], dict[str, list[ProbeResult]]]:
+    """Felix's probes and the other controls' (one after the other), within the sockets this
+    cluster reserved from the process's budget."""
+    want = max(len(targets), *(len(t) for _d, t in parts.values()), 0)
+    if not want:
+        return [], {control: [] for control in parts}
+    settings = probe_settings(cluster)
+    with probe_sockets().reserve(min(settings.concurrency, want)) as granted:
+        if granted < min(settings.concurrency, want):
+            log.info("probe %s: %d sockets at once, not %d: other clusters' probes hold the "
+                     "rest of this process's budget", cluster.name, granted,
+                     min(settings.concurrency, want))
+        settings = replace(settings, concurrency=granted)
+        probes = probe_nodes(targets, settings, on_result=track.probed, hints=hints) \
+            if targets else []
+        part_probes = {control: probe_nodes(
+            part_targets, replace(settings, metric_prefix=METRIC_PREFIX[control]))
+            if part_targets else [] for control, (_d, part_targets) in parts.items()}
+    return probes, part_probes
+
+
 def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
              collector: Collector = collect, clock: Clock = utcnow,
              lock_wait: float | None = None, locks: DatabaseLock | None = None,
              held: Mapping[str, HeldLock] | None = None) -> ScanOutcome:
     """Scan every configured cluster and store each result in its own transaction.
+
+    At most `settings.scan.max_concurrent_clusters` clusters are scanned at once, each in a
+    thread of its own (collect, probe, evaluate); results are stored here, one at a time, as
+    they come, so one cluster is stored while others are still collecting or probing.
 
     `clock` stamps the run and its results (the demo replays several days with it). With
     `lock_wait` (seconds) each cluster is scanned under the database lock `serve` uses, so a
@@ -240,14 +338,15 @@ def run_scan(settings: Settings, *, store: Store, trigger: str = "cli",
         if alive is None:  # a row left by a dead run with this id (ids can be reused)
             log.warning("scan run %d: its own lock is taken; it cannot be told apart from a "
                         "run whose process died", run_id)
-        workers = max(1, min(len(settings.clusters), 8))
+        workers = max(1, min(len(settings.clusters), settings.scan.max_concurrent_clusters))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster") as pool:
             scan = _unlocked_scan if lock_wait is None else functools.partial(
                 _locked_scan, locks=locks, wait=lock_wait)
             # Each cluster's thread gets a copy of this context: its log lines carry the
             # run's id, and its progress is shown with the run's.
             futures = {pool.submit(contextvars.copy_context().run, scan, c,
-                                   collector=collector, clock=clock): i
+                                   collector=collector, clock=clock,
+                                   hints=store.last_protocols): i
                        for i, c in enumerate(settings.clusters)}
             # Each result is stored as soon as it is ready, and only then is the cluster's
             # lock released: the next scan of that cluster (another process's) is stored
@@ -330,13 +429,27 @@ def load_waivers(settings: Settings, *, today: date) -> WaiverSet:
                           key="waivers_file") from exc
 
 
-def _unlocked_scan(cluster: ClusterSettings, *, collector: Collector,
-                   clock: Clock) -> tuple[ClusterResult, HeldLock | None]:
-    return scan_cluster(cluster, collector=collector, clock=clock), None
+def _hints(cluster: str, source: HintSource | None) -> Hints | None:
+    """What the database says each endpoint spoke last time; None when it cannot say (the
+    probe then learns as it goes: the hints only save connects)."""
+    if source is None:
+        return None
+    try:
+        return source(cluster)
+    except StoreError as exc:
+        log.warning("cluster %s: the previous scan's protocols could not be read, probing "
+                    "without them: %s", cluster, exc)
+        return None
+
+
+def _unlocked_scan(cluster: ClusterSettings, *, collector: Collector, clock: Clock,
+                   hints: HintSource | None = None) -> tuple[ClusterResult, HeldLock | None]:
+    return scan_cluster(cluster, collector=collector, clock=clock, hints=hints), None
 
 
 def _locked_scan(cluster: ClusterSettings, *, collector: Collector, clock: Clock,
-                 locks: DatabaseLock, wait: float) -> tuple[ClusterResult, HeldLock | None]:
+                 locks: DatabaseLock, wait: float, hints: HintSource | None = None,
+                 ) -> tuple[ClusterResult, HeldLock | None]:
     """The result and the cluster's lock, still held: the caller releases it once the result
     is stored."""
     name = cluster_lock_name(cluster.name)
@@ -348,7 +461,8 @@ def _locked_scan(cluster: ClusterSettings, *, collector: Collector, clock: Clock
             progress.current().phase(cluster.name, "lock")
         else:
             try:
-                return scan_cluster(cluster, collector=collector, clock=clock), held
+                return scan_cluster(cluster, collector=collector, clock=clock,
+                                    hints=hints), held
             except BaseException:
                 held.release()
                 raise

@@ -10,10 +10,8 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from reports.outputs import cluster_json as cluster_json  # noqa: PLC0414 (re-exported:
-from reports.outputs import summary_line as summary_line  # noqa: PLC0414 they lived here)
-from scanner import __version__
 from scanner.app.commands import COMMANDS
 from scanner.app.exitcodes import ExitCode, for_error
 from scanner.app.options import (
@@ -30,13 +28,40 @@ from scanner.telemetry import progress
 from scanner.telemetry.logs import configured, say
 
 PROGRESS_COMMANDS = ("scan", "demo", "report", "remediate")  # these show progress on stderr
+# Re-exported, they lived here; imported when asked for. The command line imports what the
+# command it runs needs, no more: `felixscan scan` must reach the API server quickly.
+_REEXPORTED = {"cluster_json": "reports.outputs", "summary_line": "reports.outputs"}
+
+
+def __getattr__(name: str) -> Any:
+    home = _REEXPORTED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+    return getattr(import_module(home), name)
+
+
+class _Version(argparse.Action):
+    """--version, which reads the installed version only when asked (importlib.metadata is
+    not free)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from scanner import __version__
+        parser._print_message(f"felixscan {__version__}\n", sys.stdout)
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="felixscan", description=(
         "Prove that the Calico Felix metrics endpoint (TCP 9091) is disabled and unreachable "
         "on every node of every cluster."))
-    parser.add_argument("--version", action="version", version=f"felixscan {__version__}")
+    parser.add_argument("--version", action=_Version,
+                        help="show program's version number and exit")
     verbosity_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for command in COMMANDS:

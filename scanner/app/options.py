@@ -17,6 +17,9 @@ from scanner.core.config import Settings, load_settings
 from scanner.core.errors import ConfigError, StoreError
 from scanner.telemetry.logs import LOG_FORMATS
 
+# What `scan --format` takes: reports.outputs.FORMATS (a test holds them equal), named here so
+# that building the parser does not import the output writers.
+OUTPUT_FORMATS = ("text", "json", "sarif", "junit", "ocsf", "csv")
 DEMO_DATABASE = "felixscan-demo.db"  # what `felixscan demo` writes into its --out-dir (default .)
 # -v/-q given after a subcommand land in "verbose:<prog>"/"quiet:<prog>", one key per parser,
 # so that argparse, copying a subcommand's results over the main ones, loses none of them.

@@ -2,9 +2,12 @@
 
 `ScanScheduler` runs one cron job per cluster. A job takes the cluster's database lock and calls
 the same `run_scan` as `felixscan scan`; a run still going when the next is due makes that next
-one a `skipped` row. `run_serve` starts the scheduler and the web server (uvicorn, own thread),
-then waits for SIGTERM/SIGINT: no new runs, running scans get the grace period, whatever is
-still running after it is marked aborted.
+one a `skipped` row. At most `serve.max_concurrent_scans` runs go at once (each scans one
+cluster: `scan.max_concurrent_clusters` bounds a multi-cluster `felixscan scan` instead), and
+their probe sockets share the process's budget (`scanner.scan.probe_sockets`). `run_serve`
+starts the scheduler and the web server (uvicorn, own thread), then waits for SIGTERM/SIGINT:
+no new runs, running scans get the grace period, whatever is still running after it is marked
+aborted.
 """
 
 from __future__ import annotations

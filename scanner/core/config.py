@@ -109,6 +109,17 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ScanSettings:
+    """One `felixscan scan` run over several clusters (`scan:`)."""
+
+    # Clusters scanned at the same time by one run: one collects while another probes. The
+    # probe sockets of all of them share one process-wide budget (scanner.scan), so a high
+    # bound never exhausts file descriptors. `serve` runs one cluster per run: its bound is
+    # `serve.max_concurrent_scans`.
+    max_concurrent_clusters: int = 8
+
+
+@dataclass(frozen=True, slots=True)
 class ServeSettings:
     """`felixscan serve`: how scans are scheduled and the web page is served (`serve:`)."""
 
@@ -117,7 +128,9 @@ class ServeSettings:
     jitter_seconds: int = 0  # each run starts up to this much later, to spread a fleet's load
     misfire_grace_seconds: int = 3600  # a run missed (downtime, busy) still starts within this
     coalesce: bool = True  # several missed runs of one cluster start only once
-    max_concurrent_scans: int = 4  # clusters this process scans at the same time
+    # Clusters this process scans at the same time (each a run of its own; their probe
+    # sockets share the process-wide budget of scanner.scan).
+    max_concurrent_scans: int = 4
     shutdown_grace_seconds: float = 60.0  # on SIGTERM, running scans may finish within this
     lock_ttl_seconds: float = 120.0  # SQLite lease lifetime; renewed every third of it
     report_cache_dir: Path | None = None  # rendered reports, by data hash; None: a temp dir
@@ -170,6 +183,7 @@ class Settings:
     clusters: tuple[ClusterSettings, ...]
     schedule: str | None = None
     source: str | None = None  # the config file these came from, for messages
+    scan: ScanSettings = field(default_factory=ScanSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
@@ -351,9 +365,9 @@ class _Reader:
         return value
 
     def settings(self, doc: object) -> Settings:
-        top = self.mapping(doc, "", ("database", "schedule", "clusters", "serve", "alerts",
-                                     "waivers_file", "waiver_max_days", "report", "vantage",
-                                     "controls"))
+        top = self.mapping(doc, "", ("database", "schedule", "clusters", "scan", "serve",
+                                     "alerts", "waivers_file", "waiver_max_days", "report",
+                                     "vantage", "controls"))
         database = DEFAULT_DATABASE
         if "database" in top:
             database = self.string(top["database"], "database")
@@ -390,12 +404,20 @@ class _Reader:
         waiver_max_days = self.integer(top.get("waiver_max_days", 365), "waiver_max_days",
                                        low=1, high=3660)
         return Settings(database=database, clusters=tuple(clusters), schedule=schedule,
-                        source=self.source, serve=self.serve(top.get("serve", {}), "serve"),
+                        source=self.source, scan=self.scan(top.get("scan", {}), "scan"),
+                        serve=self.serve(top.get("serve", {}), "serve"),
                         alerts=self.alerts(top.get("alerts", {}), "alerts"),
                         waivers_file=waivers_file, waiver_max_days=waiver_max_days,
                         report=self.report(top.get("report", {}), "report"),
                         vantage=self.vantage(top["vantage"], "vantage")
                         if "vantage" in top else None)
+
+    def scan(self, value: object, key: str) -> ScanSettings:
+        item = self.mapping(value, key, ("max_concurrent_clusters",))
+        d = ScanSettings()
+        return ScanSettings(max_concurrent_clusters=self.integer(
+            item.get("max_concurrent_clusters", d.max_concurrent_clusters),
+            f"{key}.max_concurrent_clusters", low=1, high=64))
 
     def serve(self, value: object, key: str) -> ServeSettings:
         item = self.mapping(value, key, (

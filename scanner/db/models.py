@@ -43,6 +43,11 @@ from sqlalchemy.types import TypeDecorator
 
 from scanner.core.records import FELIX
 
+# The revision of the newest migration in `migrations/versions`, which these models describe.
+# `Store.ensure_schema` compares the database's `alembic_version` with it without importing
+# Alembic; a test fails when a new migration is added and this is not moved to it.
+SCHEMA_REVISION = "0008"
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",

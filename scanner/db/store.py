@@ -2,27 +2,27 @@
 
 The only module that opens SQLAlchemy sessions. Each cluster's result is written in one
 transaction: a failure leaves nothing of that cluster behind and the other clusters unaffected.
+
+A cluster's rows are written with SQLAlchemy Core, their values converted once, up front, to
+what the driver stores (`_Encode`): the node probes and findings with one executemany on SQLite
+and one `COPY` on PostgreSQL, the node states with one multi-row upsert. Alembic is imported
+only to migrate: a database already at `SCHEMA_REVISION` is recognised with plain SQL.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, case, insert, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,24 +37,29 @@ from scanner.core.records import (
 )
 from scanner.core.waivers import waiver_json
 from scanner.db.models import (
+    SCHEMA_REVISION,
     ClusterScan,
     ControlScan,
     DailyClusterSummary,
     DailyControlSummary,
-    FindingRow,
     NodeProbe,
-    NodeState,
     RemediationAction,
     ScanRun,
     make_engine,
     normalise_url,
 )
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+_WEB_PROTOCOLS = ("http", "https")
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 _PG_MIGRATION_LOCK = 0x46454C49  # "FELI": one key for every felixscan process on the server
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     # ConfigParser would read % as interpolation; URLs can hold percent-escapes.
@@ -101,20 +106,29 @@ class Store:
     # --- schema ----------------------------------------------------------------------------
 
     def head(self) -> str:
+        """The newest revision of the migrations (Alembic's answer; `SCHEMA_REVISION` says
+        the same without reading them)."""
+        from alembic.script import ScriptDirectory
+
         head = ScriptDirectory.from_config(alembic_config(self.url)).get_current_head()
         assert head is not None
         return head
 
     def current(self) -> str | None:
+        """The database's revision (None: no schema), read with plain SQL."""
         try:
             with self.engine.connect() as conn:
-                return MigrationContext.configure(conn).get_current_revision()
+                return _stored_revision(conn)
         except (OperationalError, DBAPIError) as exc:
             raise StoreError(f"cannot reach database {redact_url(self.url)}: "
                              f"{_db_reason(exc)}") from exc
 
     def upgrade(self) -> tuple[str | None, str]:
         """Upgrade to head; safe when several processes do it at once. Returns (from, to)."""
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
         script = ScriptDirectory.from_config(alembic_config(self.url))
         before: str | None = None
         try:
@@ -182,9 +196,13 @@ class Store:
         if path and path != ":memory:" and not Path(path).exists():
             raise StoreError(f"database {redact_url(self.url)} does not exist")
         current = self.current()
+        if current == SCHEMA_REVISION:
+            return
         if current is None:
             raise SchemaMismatch(f"database {redact_url(self.url)} holds no felixscan data "
                                  "(no schema); run a scan or `felixscan db upgrade` first")
+        from alembic.script import ScriptDirectory
+
         script = ScriptDirectory.from_config(alembic_config(self.url))
         if current not in {s.revision for s in script.walk_revisions()}:
             raise SchemaMismatch(f"database {redact_url(self.url)} is at revision {current}, "
@@ -196,8 +214,7 @@ class Store:
 
     def ensure_schema(self) -> None:
         """Create or upgrade the schema when the database is older; refuse a newer one."""
-        current = self.current()
-        if current == self.head():
+        if self.current() == SCHEMA_REVISION:
             return
         self.upgrade()
 
@@ -251,6 +268,19 @@ class Store:
             s.execute(update(ScanRun).where(ScanRun.id == run_id).values(
                 status=status, finished_at=finished_at or datetime.now(UTC), note=note))
 
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One transaction on a connection, failures as `session()` reports them."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database write failed ({redact_url(self.url)}): "
+                             f"{_db_reason(exc)}") from exc
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"database write failed ({redact_url(self.url)}): "
+                             f"a value cannot be stored: {exc}") from exc
+
     def save_cluster(self, run_id: int, result: ClusterResult, *,
                      lock: Fence | None = None) -> int:
         """Write one cluster's whole result in one transaction; returns its cluster_scans id.
@@ -260,110 +290,75 @@ class Store:
         if not (`scanner.db.locks.LockLost`); a new holder cannot take the lock until it ends.
         None: unfenced, for callers that hold no lock.
         """
-        with self.session() as s:
-            row = ClusterScan(
-                run_id=run_id, cluster=result.cluster, started_at=result.started_at,
-                finished_at=result.finished_at, status=result.status, install=result.install,
-                declared_enabled=result.declared.enabled if result.declared else None,
-                declared_source=result.declared.source if result.declared else None,
-                declared_port=result.declared.port if result.declared else None,
-                declared_host=result.declared.host if result.declared else None,
-                error=result.error,
-                nodes_total=len(result.nodes),
-                nodes_pass=sum(1 for n in result.nodes if n.verdict == "pass"),
-                nodes_fail=sum(1 for n in result.nodes if n.verdict == "fail"),
-                nodes_unknown=sum(1 for n in result.nodes if n.verdict == "unknown"),
-                nodes_waived=sum(1 for n in result.nodes if n.verdict == "waived"),
-                waivers=[waiver_json(w) for w in result.waivers] or None,
-                namespace=result.snapshot.namespace if result.snapshot else None,
-                daemonset=result.snapshot.daemonset if result.snapshot else None,
-                image=result.snapshot.image if result.snapshot else None,
-                snapshot=snapshot_summary(result),
-                timings={k: round(v, 4) for k, v in result.timings.items()},
-            )
-            s.add(row)
-            s.flush()
-            controls = result_controls(result)
-            s.execute(insert(ControlScan), [_control_row(row, c) for c in controls])
+        controls = result_controls(result)
+        scan = _cluster_row(run_id, result)
+        with self._writing() as conn:
+            enc = _Encode(conn.dialect.name)
+            # Every value converted before the first statement: a value the database cannot
+            # take fails here, with nothing sent.
             ready = {n.name: n.ready for n in result.snapshot.nodes} if result.snapshot else {}
-            # Felix's nodes, then the other controls' targets (a pod's node and address).
-            probes = [_probe_row(row.id, n, ready.get(n.node), FELIX) for n in result.nodes]
-            probes += [_probe_row(row.id, t, ready.get(t.node), c.control)
+            probes = [_probe_values(enc, n, ready.get(n.node), FELIX) for n in result.nodes]
+            probes += [_probe_values(enc, t, ready.get(t.node), c.control)
                        for c in controls if c.control != FELIX for t in c.targets]
-            if probes:
-                s.execute(insert(NodeProbe), probes)
-            findings = [{"cluster_scan_id": row.id, "finding_id": f.id, "severity": f.severity,
-                         "node": f.node, "message": f.message, "evidence": dict(f.evidence),
-                         "remediation": f.remediation, "waiver": f.waiver,
-                         "control": f.control}
+            findings = [(f.id, f.severity, f.node, f.message,
+                         enc.json(dict(f.evidence)), f.remediation, f.waiver, f.control)
                         for f in result.findings]
-            if findings:
-                s.execute(insert(FindingRow), findings)
-            self._roll_up(s, row, result, controls)
+            key = conn.execute(insert(ClusterScan), scan).inserted_primary_key
+            assert key is not None
+            scan_id: int = key[0]
+            conn.execute(insert(ControlScan), [_control_row(scan_id, scan, c) for c in controls])
+            _insert_rows(conn, "node_probes", PROBE_COLUMNS, scan_id, probes)
+            _insert_rows(conn, "findings", FINDING_COLUMNS, scan_id, findings)
+            self._roll_up(conn, enc, scan_id=scan_id, scan=scan, result=result, controls=controls)
             if lock is not None:
                 # Last, so that a new holder's takeover waits for no more than the commit.
-                lock.fence(s.connection())
-            return row.id
+                lock.fence(conn)
+            return scan_id
 
-    def _roll_up(self, s: Session, row: ClusterScan, result: ClusterResult,
-                 controls: tuple[ControlResult, ...]) -> None:
+    def _roll_up(self, conn: Connection, enc: _Encode, *, scan_id: int, scan: dict[str, Any],
+                 result: ClusterResult, controls: tuple[ControlResult, ...]) -> None:
         """Update the day's summaries (the cluster's and each control's) and every Felix
         node's state, in the scan's own transaction.
 
         Written as upserts whose conditions ignore a scan older than what is already there, so
         scans stored out of order (a late agent) never roll a newer state back.
         """
-        upsert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+            upsert: Callable[..., Any] = pg_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            upsert = sqlite_insert
         when = result.started_at
         day = when.astimezone(UTC).date()
         values = {"cluster": result.cluster, "day": day, "scans": 1,
-                  "last_cluster_scan_id": row.id, "last_started_at": when,
-                  "status": row.status, "nodes": row.nodes_total, "passing": row.nodes_pass,
-                  "failing": row.nodes_fail, "unknown": row.nodes_unknown,
-                  "waived": row.nodes_waived}
+                  "last_cluster_scan_id": scan_id, "last_started_at": when,
+                  "status": scan["status"], "nodes": scan["nodes_total"],
+                  "passing": scan["nodes_pass"], "failing": scan["nodes_fail"],
+                  "unknown": scan["nodes_unknown"], "waived": scan["nodes_waived"]}
         stmt = upsert(DailyClusterSummary).values(values)
         t = DailyClusterSummary.__table__.c
         newer = stmt.excluded.last_started_at >= t.last_started_at
         latest = {k: case((newer, getattr(stmt.excluded, k)), else_=getattr(t, k))
                   for k in ("last_cluster_scan_id", "last_started_at", "status", "nodes",
                             "passing", "failing", "unknown", "waived")}
-        s.execute(stmt.on_conflict_do_update(index_elements=["cluster", "day"],
-                                             set_={"scans": t.scans + 1, **latest}))
+        conn.execute(stmt.on_conflict_do_update(index_elements=["cluster", "day"],
+                                                set_={"scans": t.scans + 1, **latest}))
         control_stmt = upsert(DailyControlSummary)
         ct = DailyControlSummary.__table__.c
         cx = control_stmt.excluded
         newer_control = cx.last_started_at >= ct.last_started_at
-        s.execute(control_stmt.on_conflict_do_update(
+        conn.execute(control_stmt.on_conflict_do_update(
             index_elements=["cluster", "control", "day"],
             set_={"scans": ct.scans + 1,
                   **{k: case((newer_control, getattr(cx, k)), else_=getattr(ct, k))
                      for k in ("last_cluster_scan_id", "last_started_at", "status", "targets",
                                "passing", "failing", "unknown", "waived")}}),
             [{"cluster": result.cluster, "control": c.control, "day": day, "scans": 1,
-              "last_cluster_scan_id": row.id, "last_started_at": when, "status": c.status,
+              "last_cluster_scan_id": scan_id, "last_started_at": when, "status": c.status,
               "targets": len(c.targets), **_counts(c.targets)} for c in controls])
-        if not result.nodes:
-            return
-        n = NodeState.__table__.c
-        node_stmt = upsert(NodeState)
-        ex = node_stmt.excluded
-        newer_node = ex.last_scan_at >= n.last_scan_at
-        same = n.verdict == ex.verdict
-        node_stmt = node_stmt.on_conflict_do_update(
-            index_elements=["cluster", "node"],
-            set_={
-                "since": case((newer_node & ~same, ex.since), else_=n.since),
-                "streak_scans": case((newer_node & same, n.streak_scans + 1),
-                                     (newer_node, 1), else_=n.streak_scans),
-                "verdict": case((newer_node, ex.verdict), else_=n.verdict),
-                "last_scan_at": case((newer_node, ex.last_scan_at), else_=n.last_scan_at),
-                "last_cluster_scan_id": case((newer_node, ex.last_cluster_scan_id),
-                                             else_=n.last_cluster_scan_id),
-            })
-        s.execute(node_stmt, [
-            {"cluster": result.cluster, "node": nr.node, "verdict": nr.verdict, "since": when,
-             "streak_scans": 1, "first_seen": when, "last_scan_at": when,
-             "last_cluster_scan_id": row.id} for nr in result.nodes])
+        _upsert_node_states(conn, result.cluster, enc.ts(when), scan_id,
+                            [(n.node, n.verdict) for n in result.nodes])
 
     # --- reading (small helpers; reports have their own queries) ---------------------------
 
@@ -371,6 +366,33 @@ class Store:
         with self.sessions() as s:
             return list(s.scalars(select(ClusterScan).where(ClusterScan.run_id == run_id)
                                   .order_by(ClusterScan.cluster)))
+
+    def last_protocols(self, cluster: str) -> dict[tuple[str, int], str]:
+        """For the cluster's latest stored scan, the protocol ("http", "https") each
+        (address, port) of Felix's metrics endpoint answered with: its open probes only (with
+        the other open addresses of a node probed on more than one). One query, on the indexes
+        of cluster_scans (cluster, started_at) and node_probes (cluster_scan_id, ...)."""
+        latest = (select(ClusterScan.id).where(ClusterScan.cluster == cluster)
+                  .order_by(ClusterScan.started_at.desc(), ClusterScan.id.desc()).limit(1)
+                  .scalar_subquery())
+        p = NodeProbe.__table__.c
+        stmt = (select(p.address, p.port, p.protocol, p.addresses)
+                .where(p.cluster_scan_id == latest, p.control == FELIX, p.state == "open"))
+        found: dict[tuple[str, int], str] = {}
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(stmt).all()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database read failed ({redact_url(self.url)}): "
+                             f"{_db_reason(exc)}") from exc
+        for address, port, protocol, addresses in rows:
+            for probe in addresses or ():
+                if (probe.get("state") == "open" and probe.get("address")
+                        and probe.get("protocol") in _WEB_PROTOCOLS):
+                    found[(probe["address"], port)] = probe["protocol"]
+            if address and protocol in _WEB_PROTOCOLS:
+                found[(address, port)] = protocol
+        return found
 
     # --- remediation actions (scanner.remediate) -------------------------------------------
 
@@ -422,11 +444,34 @@ def _counts(targets: tuple[NodeResult, ...]) -> dict[str, int]:
             "unknown": verdicts.count("unknown"), "waived": verdicts.count("waived")}
 
 
-def _control_row(scan: ClusterScan, control: ControlResult) -> dict[str, Any]:
+def _cluster_row(run_id: int, result: ClusterResult) -> dict[str, Any]:
+    declared, snap = result.declared, result.snapshot
+    counts = _counts(result.nodes)
+    return {
+        "run_id": run_id, "cluster": result.cluster, "started_at": result.started_at,
+        "finished_at": result.finished_at, "status": result.status, "install": result.install,
+        "declared_enabled": declared.enabled if declared else None,
+        "declared_source": declared.source if declared else None,
+        "declared_port": declared.port if declared else None,
+        "declared_host": declared.host if declared else None,
+        "error": result.error, "nodes_total": len(result.nodes),
+        "nodes_pass": counts["passing"], "nodes_fail": counts["failing"],
+        "nodes_unknown": counts["unknown"], "nodes_waived": counts["waived"],
+        "waivers": [waiver_json(w) for w in result.waivers] or None,
+        "namespace": snap.namespace if snap else None,
+        "daemonset": snap.daemonset if snap else None,
+        "image": snap.image if snap else None,
+        "snapshot": snapshot_summary(result),
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "pruned_at": None,
+    }
+
+
+def _control_row(scan_id: int, scan: dict[str, Any], control: ControlResult) -> dict[str, Any]:
     declared, counts = control.declared, _counts(control.targets)
     felix = control.control == FELIX  # where it is, when the control does not say: the scan's
     return {
-        "cluster_scan_id": scan.id, "control": control.control,
+        "cluster_scan_id": scan_id, "control": control.control,
         "status": control.status, "installed": control.installed,
         "declared_enabled": declared.enabled if declared else None,
         "declared_source": declared.source if declared else None,
@@ -435,35 +480,174 @@ def _control_row(scan: ClusterScan, control: ControlResult) -> dict[str, Any]:
         "error": control.error, "targets_total": len(control.targets),
         "targets_pass": counts["passing"], "targets_fail": counts["failing"],
         "targets_unknown": counts["unknown"], "targets_waived": counts["waived"],
-        "namespace": control.namespace or (scan.namespace if felix else None),
-        "workload": control.workload or (scan.daemonset if felix else None),
-        "image": control.image or (scan.image if felix else None),
+        "namespace": control.namespace or (scan["namespace"] if felix else None),
+        "workload": control.workload or (scan["daemonset"] if felix else None),
+        "image": control.image or (scan["image"] if felix else None),
     }
 
 
-def _probe_row(cluster_scan_id: int, node: NodeResult, ready: bool | None,
-               control: str) -> dict[str, Any]:
+class _Encode:
+    """Values as the driver stores them, converted once per value without SQLAlchemy's
+    per-row type processing, exactly as the models' types would (`UTCDateTime`, `JSON`):
+    SQLite keeps a UTC timestamp as naive text `YYYY-MM-DD HH:MM:SS.ffffff`, PostgreSQL an
+    aware datetime; JSON is `json.dumps` text, and None in a JSON column the JSON `null`."""
+
+    def __init__(self, dialect: str) -> None:
+        self.sqlite = dialect == "sqlite"
+
+    def ts(self, value: datetime | None) -> datetime | str | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use UTC-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite \
+            else value
+
+    @staticmethod
+    def json(value: object) -> str:
+        return _JSON_NULL if value is None else json.dumps(value)
+
+
+_JSON_NULL = "null"  # what the JSON type stores for None (its none_as_null is off)
+
+
+# The node_probes columns written for a cluster scan, after cluster_scan_id, in order.
+PROBE_COLUMNS = (
+    "node", "address", "port", "state", "protocol", "felix", "http_status", "verdict",
+    "declared_enabled", "declared_source", "pod_current", "node_ready", "tls_version",
+    "tls_subject", "tls_issuer", "tls_self_signed", "tls_not_after", "tls_sha256",
+    "felix_host", "error", "connect_ms", "duration_ms", "addresses", "declared_host",
+    "node_view", "control", "pod",
+)
+FINDING_COLUMNS = ("finding_id", "severity", "node", "message", "evidence", "remediation",
+                   "waiver", "control")
+
+
+def _probe_values(enc: _Encode, node: NodeResult, ready: bool | None,
+                  control: str) -> tuple[Any, ...]:
     declared, probe = node.declared, node.probe
     tls = probe.tls
-    return {
-        "cluster_scan_id": cluster_scan_id, "node": node.node, "address": probe.address,
-        "port": probe.port, "state": probe.state, "protocol": probe.protocol,
-        "felix": probe.felix, "http_status": probe.http_status, "verdict": node.verdict,
-        "declared_enabled": declared.enabled, "declared_source": declared.source,
-        "pod_current": node.pod_current, "node_ready": ready,
-        "tls_version": tls.version if tls else None, "tls_subject": tls.subject if tls else None,
-        "tls_issuer": tls.issuer if tls else None,
-        "tls_self_signed": tls.self_signed if tls else None,
-        "tls_not_after": tls.not_after if tls else None,
-        "tls_sha256": tls.sha256 if tls else None, "felix_host": probe.felix_host,
-        "error": probe.error, "connect_ms": probe.connect_ms, "duration_ms": probe.duration_ms,
-        "addresses": [{"address": p.address, "state": p.state, "protocol": p.protocol,
-                       "felix": p.felix, "error": p.error} for p in node.probes]
-        if len(node.probes) > 1 else None,
-        "declared_host": declared.host,
-        "node_view": node.view.as_json() if node.view else None,
-        "control": control, "pod": declared.pod,
-    }
+    addresses = _JSON_NULL if len(node.probes) < 2 else enc.json(
+        [{"address": p.address, "state": p.state, "protocol": p.protocol, "felix": p.felix,
+          "error": p.error} for p in node.probes])
+    view = _JSON_NULL if node.view is None else enc.json(node.view.as_json())
+    if tls is None:
+        return (node.node, probe.address, probe.port, probe.state, probe.protocol, probe.felix,
+                probe.http_status, node.verdict, declared.enabled, declared.source,
+                node.pod_current, ready, None, None, None, None, None, None, probe.felix_host,
+                probe.error, probe.connect_ms, probe.duration_ms, addresses, declared.host,
+                view, control, declared.pod)
+    return (node.node, probe.address, probe.port, probe.state, probe.protocol, probe.felix,
+            probe.http_status, node.verdict, declared.enabled, declared.source,
+            node.pod_current, ready, tls.version, tls.subject, tls.issuer, tls.self_signed,
+            enc.ts(tls.not_after), tls.sha256, probe.felix_host, probe.error, probe.connect_ms,
+            probe.duration_ms, addresses, declared.host, view, control, declared.pod)
+
+
+def _insert_rows(conn: Connection, table: str, columns: Sequence[str], scan_id: int,
+                 rows: list[tuple[Any, ...]]) -> None:
+    """Append rows of converted values (in `columns` order) to a cluster scan's child table:
+    one executemany on SQLite, one COPY on PostgreSQL, in the caller's transaction."""
+    if not rows:
+        return
+    names = ", ".join(("cluster_scan_id", *columns))
+    if conn.dialect.name == "postgresql":
+        _copy(conn, f"COPY {table} ({names}) FROM STDIN", ((scan_id, *r) for r in rows))
+        return
+    marks = ", ".join("?" * (len(columns) + 1))
+    conn.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({marks})",  # noqa: S608
+                         [(scan_id, *r) for r in rows])
+
+
+def _copy(conn: Connection, statement: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """COPY FROM STDIN through psycopg, on the connection (and transaction) SQLAlchemy holds;
+    a driver error becomes SQLAlchemy's, and a lost connection is invalidated, as for any
+    other statement."""
+    fairy = conn.connection
+    driver = fairy.driver_connection
+    dbapi = conn.dialect.loaded_dbapi
+    assert driver is not None
+    try:
+        with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except dbapi.Error as exc:
+        lost = conn.dialect.is_disconnect(exc, fairy.dbapi_connection, None)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(statement, None, exc, dbapi.Error,
+                                  connection_invalidated=lost) from exc
+
+
+# A node's state moves to the newest scan's verdict; a scan older than the state changes
+# nothing. The SET expressions read the row as it was before the update.
+_NEWER = "excluded.last_scan_at >= node_states.last_scan_at"
+_NODE_STATES_SET = (
+    "ON CONFLICT (cluster, node) DO UPDATE SET "
+    f"since = CASE WHEN {_NEWER} AND node_states.verdict <> excluded.verdict "
+    "THEN excluded.since ELSE node_states.since END, "
+    f"streak_scans = CASE WHEN {_NEWER} AND node_states.verdict = excluded.verdict "
+    f"THEN node_states.streak_scans + 1 WHEN {_NEWER} THEN 1 ELSE node_states.streak_scans END, "
+    f"verdict = CASE WHEN {_NEWER} THEN excluded.verdict ELSE node_states.verdict END, "
+    f"last_scan_at = CASE WHEN {_NEWER} THEN excluded.last_scan_at "
+    "ELSE node_states.last_scan_at END, "
+    f"last_cluster_scan_id = CASE WHEN {_NEWER} THEN excluded.last_cluster_scan_id "
+    "ELSE node_states.last_cluster_scan_id END")
+_NODE_STATES_INTO = ("INSERT INTO node_states (cluster, node, verdict, since, streak_scans, "
+                     "first_seen, last_scan_at, last_cluster_scan_id) ")
+_SQLITE_CHUNK = 10_000  # nodes per statement: 2 parameters each, under SQLite's 32,766
+
+
+def _upsert_node_states(conn: Connection, cluster: str, when: object,
+                        scan_id: int, nodes: list[tuple[str, str]]) -> None:
+    """Every (node, verdict) of a cluster scan into node_states: one multi-row upsert (on
+    SQLite one per 10,000 nodes). A node named twice is written in a second statement, as a
+    second scan would write it."""
+    rounds: list[list[tuple[str, str]]] = []
+    seen: dict[str, int] = {}
+    for node, verdict in nodes:
+        n = seen.get(node, 0)
+        seen[node] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append((node, verdict))
+    for batch in rounds:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(
+                _NODE_STATES_INTO + "SELECT %(cluster)s, n.node, n.verdict, %(when)s, 1, "
+                "%(when)s, %(when)s, %(scan)s "
+                "FROM unnest(%(nodes)s::text[], %(verdicts)s::text[]) AS n(node, verdict) "
+                "WHERE true " + _NODE_STATES_SET,
+                {"cluster": cluster, "when": when, "scan": scan_id,
+                 "nodes": [b[0] for b in batch], "verdicts": [b[1] for b in batch]})
+            continue
+        for i in range(0, len(batch), _SQLITE_CHUNK):
+            part = batch[i:i + _SQLITE_CHUNK]
+            rows = ", ".join(["(?, ?)"] * len(part))
+            conn.exec_driver_sql(
+                f"{_NODE_STATES_INTO}SELECT ?, column1, column2, ?, 1, ?, ?, ? "  # noqa: S608
+                f"FROM (VALUES {rows}) WHERE true {_NODE_STATES_SET}",
+                (cluster, when, when, when, scan_id, *(v for pair in part for v in pair)))
+
+
+def _stored_revision(conn: Connection) -> str | None:
+    """The database's Alembic revision, None when it has no schema; plain SQL, no Alembic
+    (which is asked only when the table holds more than one revision, to say why)."""
+    if conn.dialect.name == "sqlite":
+        exists = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                      "AND name = 'alembic_version'").first() is not None
+    else:
+        exists = conn.exec_driver_sql("SELECT to_regclass('alembic_version')").scalar() \
+            is not None
+    if not exists:
+        return None
+    revisions = [r[0] for r in conn.exec_driver_sql("SELECT version_num FROM alembic_version")]
+    if len(revisions) > 1:
+        from alembic.runtime.migration import MigrationContext
+
+        return MigrationContext.configure(conn).get_current_revision()
+    return revisions[0] if revisions else None
 
 
 def snapshot_summary(result: ClusterResult) -> dict[str, Any]:

@@ -1,12 +1,24 @@
-"""The Kubernetes API client of felixscan: one `Api` per cluster over the real `kubernetes`
-client (raw JSON answers, a timeout per request, a deadline per cluster, retries, paging), built
-from the cluster's kubeconfig or in-cluster account by `make_api`, with exec credential plugins
-bounded by the deadline. `scanner.kube.read` (the scan) and `scanner.kube.write` (remediation)
-both go through it; API failures become the errors of `scanner.core.errors`.
+"""The Kubernetes API client of felixscan: one `Api` per cluster (raw JSON answers, a timeout
+per request, a deadline per cluster, retries, paging), built from the cluster's kubeconfig or
+in-cluster account by `make_api`, with exec credential plugins bounded by the deadline.
+`scanner.kube.read` (the scan) and `scanner.kube.write` (remediation) both go through it; API
+failures become the errors of `scanner.core.errors`.
+
+Two transports under one `Api`. The scan's reads go straight over urllib3 (`_Rest`: the few
+GET and LIST endpoints it uses, the requests the `kubernetes` client would send) when the
+credentials are plain ones this module reads itself (`_light_connection`: a token, a client
+certificate and key, a CA, insecure-skip-tls-verify, tls-server-name, the in-cluster service
+account); importing the `kubernetes` client costs half a second, more than a scan's first
+request should wait. Everything else (exec and auth-provider plugins, token files, proxies,
+merged kubeconfigs, any kubeconfig the light reader does not take as it is, and remediation's
+writes) goes through the real `kubernetes` client, imported then, so its messages stay its own.
 """
 
 from __future__ import annotations
 
+import atexit
+import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,20 +26,18 @@ import os
 import random
 import re
 import signal
+import ssl
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import urllib3
 import yaml
-from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config import exec_provider as k8s_exec_provider
-from kubernetes.config.config_exception import ConfigException
 
 from scanner.core.config import ClusterSettings
 from scanner.core.errors import ApiError, ApiForbidden, ApiUnreachable, ClusterError
@@ -45,12 +55,27 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
                           "\u2066-\u2069\ud800-\udfff]")
 
 
+class StatusError(Exception):
+    """An answer that is not 2xx, or a TLS failure (status 0), from `_Rest`: what the
+    `kubernetes` client's ApiException carries (status, reason, body, headers)."""
+
+    def __init__(self, status: int, reason: str | None, body: str | None = None,
+                 headers: Any = None) -> None:
+        super().__init__(f"({status}) {reason}")
+        self.status = status
+        self.reason = reason
+        self.body = body
+        self.headers = headers
+
+
 @dataclass
 class Api:
     """A thin, deadline-aware door to one cluster's API server.
 
-    Calls the typed methods of the real client with `_preload_content=False`, so answers are
-    parsed as plain JSON (fast on thousands of nodes, indifferent to CRD schemas).
+    Calls read methods named as the `kubernetes` client names them (`api.core.list_node`) with
+    `_preload_content=False`, so answers are parsed as plain JSON (fast on thousands of nodes,
+    indifferent to CRD schemas). `client` is a `_Rest` (direct requests) or the `kubernetes`
+    client's ApiClient; `errors` are the exceptions that carry an HTTP status for it.
     """
 
     client: Any
@@ -59,18 +84,36 @@ class Api:
     cluster: str
     requests: int = 0
     sleep: Any = field(default=time.sleep)
+    errors: tuple[type[BaseException], ...] = (StatusError,)
 
     @property
     def core(self) -> Any:
+        if isinstance(self.client, _Rest):
+            return self.client
+        from kubernetes import client as k8s_client
         return k8s_client.CoreV1Api(self.client)
 
     @property
     def apps(self) -> Any:
+        if isinstance(self.client, _Rest):
+            return self.client
+        from kubernetes import client as k8s_client
         return k8s_client.AppsV1Api(self.client)
 
     @property
     def custom(self) -> Any:
+        if isinstance(self.client, _Rest):
+            return self.client
+        from kubernetes import client as k8s_client
         return k8s_client.CustomObjectsApi(self.client)
+
+    @property
+    def apis(self) -> Any:
+        """The API groups (`get_api_versions`, GET /apis)."""
+        if isinstance(self.client, _Rest):
+            return self.client
+        from kubernetes import client as k8s_client
+        return k8s_client.ApisApi(self.client)
 
     def remaining(self) -> float:
         left = self.deadline - time.monotonic()
@@ -109,7 +152,8 @@ class Api:
                 resp = method(*args, **kwargs, _preload_content=False,
                               _request_timeout=(min(timeout, 5.0), timeout))
                 body: bytes = resp.data
-            except ApiException as exc:
+            except self.errors as caught:
+                exc: Any = caught  # StatusError or the kubernetes client's ApiException
                 if exc.status == 404:
                     return None
                 if exc.status == 0:  # the client wraps TLS failures this way
@@ -134,7 +178,7 @@ class Api:
             return body
         raise AssertionError("unreachable")
 
-    def _backoff(self, attempt: int, exc: ApiException) -> None:
+    def _backoff(self, attempt: int, exc: Any) -> None:
         retry_after = None
         headers = exc.headers or {}
         raw = headers.get("Retry-After") if hasattr(headers, "get") else None
@@ -219,7 +263,7 @@ def printable(text: str, limit: int = NAME_LIMIT) -> str:
     return text
 
 
-def status_message(exc: ApiException) -> str:
+def status_message(exc: Any) -> str:
     """The apiserver's Status message (never the request, which may carry credentials)."""
     reason = exc.reason or ""
     try:
@@ -271,13 +315,43 @@ class _Retry(urllib3.Retry):
 # --- the client --------------------------------------------------------------------------
 
 
-def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
+def make_api(settings: ClusterSettings, *, deadline: float, writes: bool = False) -> Api:
     """A client for the cluster from its kubeconfig context or in-cluster service account.
 
-    An exec credential plugin gets what is left of `deadline` (here and when the client runs
-    it again to refresh an expired token on this thread), then it is stopped: see
-    `_BoundedPopen`.
+    Reads go over `_Rest` when `_light_connection` takes the credentials; `writes=True` (and
+    any credentials it does not take) get the `kubernetes` client. An exec credential plugin
+    gets what is left of `deadline` (here and when the client runs it again to refresh an
+    expired token on this thread), then it is stopped: see `_BoundedPopen`.
     """
+    connection = None if writes else _light_connection(settings)
+    if connection is None:
+        return _kubernetes_api(settings, deadline=deadline)
+    _warn_plaintext_credentials(settings, connection)
+    retries = _retries(connection.host, settings, context=connection.context)
+    return Api(client=_Rest(connection, retries), timeout=settings.api_timeout_seconds,
+               deadline=deadline, cluster=settings.name)
+
+
+def _retries(host: str, settings: ClusterSettings, *, context: str | None = None) -> _Retry:
+    # urllib3 retries connection failures itself (twice), never a read that timed out: a
+    # hanging API costs one timeout, not four. Statuses are ours to retry (Api.get): left on,
+    # urllib3 treats a 429/503 with Retry-After as a retry and, with status=0, fails it as
+    # "MaxRetryError" before our backoff ever sees it.
+    retries = _Retry(total=2, connect=2, read=0, status=0, redirect=0, backoff_factor=0.1,
+                     respect_retry_after_header=False)
+    retries.where = (f"API server {host}, "
+                     + ("in-cluster service account" if settings.in_cluster
+                        else f"kubeconfig context {context or _context_name(settings)}"))
+    return retries
+
+
+def _kubernetes_api(settings: ClusterSettings, *, deadline: float) -> Api:
+    """`make_api` over the real `kubernetes` client (imported here, on this path only)."""
+    from kubernetes import client as k8s_client
+    from kubernetes import config as k8s_config
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config.config_exception import ConfigException
+
     configuration = k8s_client.Configuration()
     _bound_exec_plugins(seconds=deadline - time.monotonic())
     try:
@@ -306,24 +380,17 @@ def make_api(settings: ClusterSettings, *, deadline: float) -> Api:
         raise ClusterError(f"cannot load credentials ({type(exc).__name__}: "
                            f"{clean_text(str(exc))})") from None
     _warn_plaintext_credentials(settings, configuration)
-    # urllib3 retries connection failures itself (twice), never a read that timed out: a
-    # hanging API costs one timeout, not four. Statuses are ours to retry (Api.get): left on,
-    # urllib3 treats a 429/503 with Retry-After as a retry and, with status=0, fails it as
-    # "MaxRetryError" before our backoff ever sees it.
-    retries = _Retry(total=2, connect=2, read=0, status=0, redirect=0, backoff_factor=0.1,
-                     respect_retry_after_header=False)
-    retries.where = (f"API server {configuration.host}, "
-                     + ("in-cluster service account" if settings.in_cluster
-                        else f"kubeconfig context {_context_name(settings)}"))
-    configuration.retries = retries
+    configuration.retries = _retries(str(configuration.host), settings)
     api_client = k8s_client.ApiClient(configuration)
     return Api(client=api_client, timeout=settings.api_timeout_seconds, deadline=deadline,
-               cluster=settings.name)
+               cluster=settings.name, errors=(StatusError, ApiException))
 
 
 def _context_name(settings: ClusterSettings) -> str:
     if settings.context:
         return settings.context
+    from kubernetes import config as k8s_config
+    from kubernetes.config.config_exception import ConfigException
     try:
         _contexts, current = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
             config_file=str(settings.kubeconfig) if settings.kubeconfig else None)
@@ -332,10 +399,16 @@ def _context_name(settings: ClusterSettings) -> str:
         return "(the current context)"
 
 
+def _default_kubeconfig() -> str:
+    """The kubeconfig the `kubernetes` client reads when none is named: $KUBECONFIG (which
+    may list several, merged) or ~/.kube/config."""
+    return os.path.expanduser(os.environ.get("KUBECONFIG", "~/.kube/config"))
+
+
 def _kubeconfig_user(settings: ClusterSettings) -> dict[str, Any]:
     """The `user` entry of the cluster's kubeconfig context ({} when it cannot be found)."""
     try:
-        path = settings.kubeconfig or os.path.expanduser(k8s_config.KUBE_CONFIG_DEFAULT_LOCATION)
+        path = settings.kubeconfig or _default_kubeconfig()
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)
         name = settings.context or doc.get("current-context")
@@ -345,6 +418,311 @@ def _kubeconfig_user(settings: ClusterSettings) -> dict[str, Any]:
     except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, StopIteration):
         return {}
     return user if isinstance(user, dict) else {}
+
+
+# --- the direct transport -----------------------------------------------------------------
+
+SERVICE_HOST_ENV_NAME = "KUBERNETES_SERVICE_HOST"
+SERVICE_PORT_ENV_NAME = "KUBERNETES_SERVICE_PORT"
+SERVICE_TOKEN_FILENAME = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105
+SERVICE_CERT_FILENAME = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+_TOKEN_REREAD_SECONDS = 60.0  # the in-cluster token is read again after this (it rotates)
+# What the light reader takes from a kubeconfig's cluster and user entries; any other key
+# (exec, auth-provider, tokenFile, proxy-url, impersonation...) is the kubernetes client's.
+_CLUSTER_KEYS = frozenset({"server", "certificate-authority", "certificate-authority-data",
+                           "insecure-skip-tls-verify", "tls-server-name", "extensions"})
+_USER_KEYS = frozenset({"token", "client-certificate", "client-certificate-data",
+                        "client-key", "client-key-data", "username", "password",
+                        "extensions"})
+
+
+# libyaml's safe loader when PyYAML has it: a kubeconfig's base64 certificates are slow to scan
+# in pure Python.
+_SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass
+class _Connection:
+    """What `_Rest` needs of a cluster's credentials, named as the kubernetes client's
+    Configuration names it (`_warn_plaintext_credentials` reads either)."""
+
+    host: str
+    api_key: dict[str, str] = field(default_factory=dict)
+    ssl_ca_cert: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_ssl: bool = True
+    tls_server_name: str | None = None
+    context: str | None = None  # the kubeconfig context, for messages
+    token_file: str | None = None  # in-cluster: the token is read again from here
+    token_read_at: float = 0.0
+
+
+def _light_connection(settings: ClusterSettings) -> _Connection | None:
+    """The cluster's credentials as this module reads them, or None for the kubernetes client.
+
+    None for anything the light reader does not take exactly as the kubernetes client would,
+    including every kubeconfig the client would reject: the client then says why, as before.
+    """
+    try:
+        if settings.in_cluster:
+            return _incluster_connection()
+        return _kubeconfig_connection(settings)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError):
+        return None
+
+
+def _incluster_connection() -> _Connection | None:
+    host = os.environ.get(SERVICE_HOST_ENV_NAME)
+    port = os.environ.get(SERVICE_PORT_ENV_NAME)
+    if not host or not port or not os.path.isfile(SERVICE_TOKEN_FILENAME) \
+            or not os.path.isfile(SERVICE_CERT_FILENAME):
+        return None
+    with open(SERVICE_CERT_FILENAME, encoding="utf-8") as fh:
+        if not fh.read():
+            return None
+    with open(SERVICE_TOKEN_FILENAME, encoding="utf-8") as fh:
+        token = fh.read()
+    if not token:
+        return None
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return _Connection(host=f"https://{where}", api_key={"BearerToken": f"bearer {token}"},
+                       ssl_ca_cert=SERVICE_CERT_FILENAME, token_file=SERVICE_TOKEN_FILENAME,
+                       token_read_at=time.monotonic())
+
+
+def _named(entries: Any, name: Any, key: str) -> dict[str, Any] | None:
+    """The `key` mapping of the one entry called `name` in a kubeconfig list (None: not
+    exactly one, or not a mapping)."""
+    if not isinstance(entries, list) or not isinstance(name, str):
+        return None
+    found = [e for e in entries if isinstance(e, dict) and e.get("name") == name]
+    if len(found) != 1 or not isinstance(found[0].get(key), dict):
+        return None
+    value: dict[str, Any] = found[0][key]
+    return value
+
+
+def _kubeconfig_connection(settings: ClusterSettings) -> _Connection | None:
+    path = str(settings.kubeconfig) if settings.kubeconfig else _default_kubeconfig()
+    if not settings.kubeconfig and os.pathsep in os.environ.get("KUBECONFIG", ""):
+        return None  # several files, merged by the kubernetes client
+    with open(path, encoding="utf-8") as fh:
+        doc = yaml.load(fh, Loader=_SAFE_LOADER)  # noqa: S506 (a safe loader)
+    if not isinstance(doc, dict):
+        return None
+    name = settings.context or doc.get("current-context")
+    context = _named(doc.get("contexts"), name, "context")
+    if context is None:
+        return None
+    cluster = _named(doc.get("clusters"), context.get("cluster"), "cluster")
+    user: dict[str, Any] | None = {}
+    if "user" in context:
+        user = _named(doc.get("users"), context.get("user"), "user")
+    if cluster is None or user is None or set(cluster) - _CLUSTER_KEYS \
+            or set(user) - _USER_KEYS or not isinstance(cluster.get("server"), str):
+        return None
+    if not all(isinstance(v, str) for k, v in user.items() if k != "extensions"):
+        return None
+    base = os.path.abspath(os.path.dirname(path))
+    conn = _Connection(host=cluster["server"].rstrip("/"), context=str(name))
+    if user.get("token"):
+        conn.api_key["BearerToken"] = f"Bearer {user['token']}"
+    elif "token" not in user and "username" in user and "password" in user:
+        conn.api_key["BearerToken"] = str(urllib3.util.make_headers(
+            basic_auth=f"{user['username']}:{user['password']}")["authorization"])
+    elif "token" in user:
+        return None  # an empty token: the kubernetes client's rules from here on
+    if conn.host.startswith("https"):
+        conn.ssl_ca_cert = _file_or_data(cluster, "certificate-authority", base)
+        conn.cert_file = _file_or_data(user, "client-certificate", base)
+        conn.key_file = _file_or_data(user, "client-key", base)
+    if "insecure-skip-tls-verify" in cluster:
+        if not isinstance(cluster["insecure-skip-tls-verify"], bool):
+            return None
+        conn.verify_ssl = not cluster["insecure-skip-tls-verify"]
+    if "tls-server-name" in cluster:
+        if not isinstance(cluster["tls-server-name"], str):
+            return None
+        conn.tls_server_name = cluster["tls-server-name"] or None
+    return conn
+
+
+# Files written for certificates and keys given as data, by content: removed at exit.
+_TEMP_FILES: dict[bytes, str] = {}
+_TEMP_LOCK = threading.Lock()
+
+
+def _file_or_data(entry: Mapping[str, Any], key: str, base: str) -> str | None:
+    """The file for `key` (relative to the kubeconfig's folder) or for `key`-data (base64,
+    written to a private temporary file), as the kubernetes client reads them; OSError when
+    the file is missing (the client's "File does not exist")."""
+    if f"{key}-data" in entry:
+        data = entry[f"{key}-data"]
+        if not data:
+            return None
+        if not isinstance(data, str):
+            raise TypeError(f"{key}-data")
+        return _temp_file(base64.standard_b64decode(data.encode()))
+    if key in entry:
+        if not isinstance(entry[key], str):
+            raise TypeError(key)
+        path = os.path.normpath(os.path.join(base, str(entry[key])))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        return path
+    return None
+
+
+def _temp_file(content: bytes) -> str:
+    with _TEMP_LOCK:
+        name = _TEMP_FILES.get(content)
+        if name is not None and os.path.isfile(name):
+            return name
+        if not _TEMP_FILES:
+            atexit.register(_remove_temp_files)
+        fd, name = tempfile.mkstemp(prefix="felixscan-kube-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+        _TEMP_FILES[content] = name
+        return name
+
+
+def _remove_temp_files() -> None:
+    with _TEMP_LOCK:
+        for name in _TEMP_FILES.values():
+            with contextlib.suppress(OSError):
+                os.remove(name)
+        _TEMP_FILES.clear()
+
+
+# Query parameters by the kubernetes client's argument names, in the order it sends them.
+_QUERY = {"_continue": "continue", "field_selector": "fieldSelector",
+          "label_selector": "labelSelector", "limit": "limit", "container": "container",
+          "limit_bytes": "limitBytes", "tail_lines": "tailLines"}
+
+
+class _Rest:
+    """The read endpoints the scan uses, as direct GETs over one urllib3 pool manager.
+
+    Each method takes the arguments of the `kubernetes` client method of the same name and
+    sends the request it would send (path, query, Accept, Authorization); an answer that is
+    not 2xx raises `StatusError` with its status, reason, body and headers, a TLS failure
+    `StatusError(0, "SSLError\n...")`, and urllib3's own errors pass through: `Api._call`
+    maps them all as it maps the kubernetes client's.
+    """
+
+    def __init__(self, connection: _Connection, retries: _Retry) -> None:
+        self.connection = connection
+        self._lock = threading.Lock()
+        pool_args: dict[str, Any] = {
+            "cert_reqs": ssl.CERT_REQUIRED if connection.verify_ssl else ssl.CERT_NONE,
+            "ca_certs": connection.ssl_ca_cert,
+            "cert_file": connection.cert_file,
+            "key_file": connection.key_file,
+            "retries": retries,
+            "maxsize": (os.cpu_count() or 1) * 5,
+        }
+        if connection.tls_server_name:
+            pool_args["server_hostname"] = connection.tls_server_name
+        self.pool_manager = urllib3.PoolManager(**pool_args)
+
+    def close(self) -> None:
+        self.pool_manager.clear()
+
+    # -- core/v1
+    def list_node(self, **kw: Any) -> Any:
+        return self._get("/api/v1/nodes", kw)
+
+    def list_namespaced_pod(self, namespace: str, **kw: Any) -> Any:
+        return self._get(f"/api/v1/namespaces/{_p(namespace)}/pods", kw)
+
+    def read_namespaced_pod_log(self, name: str, namespace: str, **kw: Any) -> Any:
+        return self._get(f"/api/v1/namespaces/{_p(namespace)}/pods/{_p(name)}/log", kw)
+
+    def read_namespaced_config_map(self, name: str, namespace: str, **kw: Any) -> Any:
+        return self._get(f"/api/v1/namespaces/{_p(namespace)}/configmaps/{_p(name)}", kw)
+
+    def read_namespaced_secret(self, name: str, namespace: str, **kw: Any) -> Any:
+        return self._get(f"/api/v1/namespaces/{_p(namespace)}/secrets/{_p(name)}", kw)
+
+    # -- apps/v1
+    def read_namespaced_daemon_set(self, name: str, namespace: str, **kw: Any) -> Any:
+        return self._get(f"/apis/apps/v1/namespaces/{_p(namespace)}/daemonsets/{_p(name)}", kw)
+
+    def read_namespaced_deployment(self, name: str, namespace: str, **kw: Any) -> Any:
+        return self._get(f"/apis/apps/v1/namespaces/{_p(namespace)}/deployments/{_p(name)}",
+                         kw)
+
+    def list_namespaced_controller_revision(self, namespace: str, **kw: Any) -> Any:
+        return self._get(f"/apis/apps/v1/namespaces/{_p(namespace)}/controllerrevisions", kw)
+
+    # -- custom objects and discovery
+    def get_cluster_custom_object(self, group: str, version: str, plural: str, name: str,
+                                  **kw: Any) -> Any:
+        return self._get(f"/apis/{_p(group)}/{_p(version)}/{_p(plural)}/{_p(name)}", kw)
+
+    def list_cluster_custom_object(self, group: str, version: str, plural: str,
+                                   **kw: Any) -> Any:
+        return self._get(f"/apis/{_p(group)}/{_p(version)}/{_p(plural)}", kw)
+
+    def get_api_versions(self, **kw: Any) -> Any:
+        return self._get("/apis/", kw)
+
+    def _get(self, path: str, kw: dict[str, Any]) -> Any:
+        timeout = kw.pop("_request_timeout", None)
+        kw.pop("_preload_content", None)
+        unknown = set(kw) - set(_QUERY)
+        if unknown:
+            raise TypeError(f"unexpected arguments {sorted(unknown)}")
+        query = "&".join(f"{_QUERY[k]}={quote(_q(kw[k]))}" for k in _QUERY
+                         if kw.get(k) is not None)
+        url = self.connection.host + path + (f"?{query}" if query else "")
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        authorization = self._authorization()
+        if authorization:
+            headers["authorization"] = authorization
+        try:
+            resp = self.pool_manager.request(
+                "GET", url, headers=headers, preload_content=False,
+                timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]) if timeout
+                else None)
+        except urllib3.exceptions.SSLError as exc:
+            raise StatusError(0, f"{type(exc).__name__}\n{exc}") from None
+        if not 200 <= resp.status <= 299:
+            data = resp.data
+            try:
+                body: str | None = data.decode("utf-8")
+            except UnicodeDecodeError:
+                body = None
+            raise StatusError(resp.status, resp.reason, body, resp.headers)
+        return resp
+
+    def _authorization(self) -> str | None:
+        conn = self.connection
+        if conn.token_file and time.monotonic() - conn.token_read_at >= _TOKEN_REREAD_SECONDS:
+            with self._lock:
+                try:
+                    with open(conn.token_file, encoding="utf-8") as fh:
+                        token = fh.read()
+                except OSError:
+                    token = ""
+                if token:
+                    conn.api_key["BearerToken"] = f"bearer {token}"
+                conn.token_read_at = time.monotonic()
+        return conn.api_key.get("BearerToken")
+
+
+USER_AGENT = "OpenAPI-Generator/37.0.2/python"  # what the kubernetes client this replaces sends
+
+
+def _p(value: str) -> str:
+    """A path segment, every reserved character encoded (as the kubernetes client does)."""
+    return quote(str(value), safe="")
+
+
+def _q(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 # Clusters (with their server) already warned about sending credentials over plain HTTP: once
@@ -432,6 +810,7 @@ class _BoundedPopen(subprocess.Popen[Any]):
                    f"{bound:.1f} s (what was left of the cluster's deadline); it was stopped"
                    + (", with the processes it started" if self._own_group else ""))
             _EXEC_LIMIT.stopped = why
+            from kubernetes.config.config_exception import ConfigException
             raise ConfigException(why) from None
         except BaseException:
             self._stop()  # Ctrl-C: a plugin in its own group would not get the SIGINT
@@ -466,6 +845,7 @@ class _BoundedSubprocess:
 
 def _bound_exec_plugins(*, seconds: float) -> None:
     """Install the bounded Popen (once) and set this thread's bound for exec plugins."""
+    from kubernetes.config import exec_provider as k8s_exec_provider
     if not isinstance(getattr(k8s_exec_provider, "subprocess", None), _BoundedSubprocess):
         # setattr: the module does not export `subprocess`, and it is replaced on purpose
         setattr(k8s_exec_provider, "subprocess", _BoundedSubprocess())  # noqa: B010

@@ -17,8 +17,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client as k8s_client
-
 from scanner.core.calico import (
     ANNOTATION_PREFIX,
     CONFIG_FILE,
@@ -576,7 +574,7 @@ def _parse_felix_cfg(text: str) -> dict[str, str]:
 def _discover_group(api: Api) -> str:
     """Which group Felix reads FelixConfiguration from when nothing names one: libcalico-go
     asks the server's API groups (discovery.go `UsingV3CRDs`)."""
-    doc = api.get("GET /apis", k8s_client.ApisApi(api.client).get_api_versions)
+    doc = api.get("GET /apis", api.apis.get_api_versions)
     groups = [str(g.get("name")) for g in (doc or {}).get("groups") or []
               if isinstance(g, dict)]
     return discovered_group(groups)

@@ -82,7 +82,7 @@ class KubeWriter:
         self.settings = settings
         # The collection deadline of `make_api` is renewed per call: a remediation lasts as long
         # as its rollout, but every single request still has the configured timeout.
-        self.api = api or make_api(settings, deadline=time.monotonic() + 60)
+        self.api = api or make_api(settings, deadline=time.monotonic() + 60, writes=True)
 
     def close(self) -> None:
         close = getattr(self.api.client, "close", None)

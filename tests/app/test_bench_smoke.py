@@ -39,7 +39,10 @@ SIGNING = [
 TREND = [rf"^node probes stored\s+{N}", rf"^write one 50-node scan \(s, target < 1\)\s+{N}",
          rf"^10-day trend, all clusters \(ms, target < 100\)\s+{N}",
          rf"^failing-streak query \(ms, target < 500\)\s+{N}",
-         rf"^size per million probes \(MB\)\s+{N}"]
+         rf"^size per million probes \(MB\)\s+{N}",
+         rf"^GET /api/trend\?days=365 median \(ms, no target\)\s+{N}",
+         rf"^anchor: driver cursor fetch, same rows \(ms\)\s+{N}",
+         rf"^ratio GET / anchor \(x\)\s+{N}"]
 NMAP = ([rf"^\s+{N} s\s+ratio {N}x\s+1 s timeout, no retries, all hosts at once: ",
          rf"^\s+{N} s\s+ratio {N}x\s+fastest: "] if shutil.which("nmap")
         else [r"^nmap not found"])
@@ -47,14 +50,29 @@ NMAP = ([rf"^\s+{N} s\s+ratio {N}x\s+1 s timeout, no retries, all hosts at once:
 # id -> (the bench, its arguments besides --smoke, the lines it must print)
 CASES: dict[str, tuple[str, list[str], list[str]]] = {
     "scan": ("scan", [], [
-        r"^20 nodes on 127\.\d+\.\d+\.\d+\.\.127\.\d+\.\d+\.\d+, sqlite, 1 runs of "
-        r"`felixscan scan --json`",
-        rf"^full scan median {N} s \(min {N}, max {N}\); smoke run: no target$",
-        *(rf"^  {phase}\s+median {N} s$" for phase in ("api", "probe", "store"))]),
+        r"^20 nodes x 1 cluster on 127\.\d+\.\d+\.\d+\.\.127\.\d+\.\d+\.\d+, sqlite, 1 runs of "
+        r"`felixscan scan --json`$",
+        *(rf"^{phase}\s+{N} s\s+-$" for phase in ("api", "probe", "evaluate", "store")),
+        rf"^total\s+{N} s\s+{N} s$", r"^smoke run: no target$",
+        *([rf"^nmap -sT -Pn -n -p 9091 \(1 s timeout, no retries, all hosts at once\)\s+{N} s"
+           rf"\s+{N} s$", rf"^ratio felixscan/nmap  wall {N}x  CPU {N}x"]
+          if shutil.which("nmap") else [r"^nmap not found"])]),
+    "scan-clusters": ("scan", ["--clusters", "3"], [
+        r"^20 nodes x 3 clusters on 127\.\d+\.\d+\.\d+\.\.127\.\d+\.\d+\.\d+, sqlite, 1 runs "
+        r"of `felixscan scan --json` \(default bound\)$",
+        rf"^total\s+{N} s\s+{N} s$",
+        rf"^sequential \(max_concurrent_clusters: 1\)\s+{N} s\s+{N} s$",
+        rf"^ratio concurrent/sequential  wall {N}x  CPU {N}x$"]),
     "probe": ("probe", [], [
         r"^nodes: 50 on 127\.", rf"^  probe run 1:\s+{N} s .*, 0 unexpected results$",
         rf"^probe phase: median {N} s \(min {N}, max {N}\)$", rf"^prober peak RSS: {N} MB",
         rf"^throughput: {N} targets/s$", *NMAP]),
+    "probe-sizes": ("probe", ["--sizes", "40,80"], [
+        r"^nodes: 40 on 127\.", r"^nodes: 80 on 127\.",
+        rf"^probe CPU: median {N} s, {N} s per 1,000 nodes$",
+        r"^per size, each in one run \(nmap: 1 s timeout, no retries, all hosts at once",
+        *([rf"^\s+{n}\s+{N}\s+{N}\s+{N}\s+{N}\s+{N}x\s+{N}x$" for n in (40, 80)]
+          if shutil.which("nmap") else [r"^nmap not found"])]),
     "hostile": ("hostile", [], [
         r"^nodes: 28 on 127\.", rf"^  run 1: wall {N} s, listeners CPU {N} s, 0 unexpected$",
         rf"^open ports found: {N} of {N} listening",
@@ -97,6 +115,20 @@ CASES: dict[str, tuple[str, list[str], list[str]]] = {
         rf"^  /healthz\s+median\s+{N} ms\s+p95\s+{N} ms\s+max\s+{N} ms",
         rf"^renders in the log: 8 \(distinct reports: 8\); {N} distinct PDFs verified",
         r"^smoke run: one render per report, no errors: yes"]),
+    "coldstart": ("coldstart", [], [
+        r"^coldstart: 1 cluster, 20 nodes on 127\.\d+\.\d+\.\d+\.\., sqlite, 2 runs per "
+        r"command",
+        rf"^anchor: python -c pass, start to exit\s+median {N} s \(min {N}, max {N}\)$",
+        *(rf"^{label}\n  first API request\s+median {N} s \(min {N}, max {N}\)\s+ratio {N}x "
+          rf"anchor\n  whole process\s+median {N} s \(min {N}, max {N}\)\s+ratio {N}x anchor$"
+          for label in (r"felixscan scan \(console script\)", r"python -m scanner scan")),
+        r"^smoke run: no target$"]),
+    "store": ("store", [], [
+        r"^store: save_cluster of 200 nodes \(60% closed, 25% TLS open, 5% HTTP open, "
+        r"10% filtered; a finding per open node\), median of 1 runs",
+        rf"^sqlite\s+200 nodes  save_cluster median {N} s \(min {N}, max {N}\)  anchor "
+        rf"executemany {N} s  ratio {N}x  no target$",
+        r"^smoke run: no target$"]),
 }
 
 

@@ -157,3 +157,33 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 ])
 def test_windows(text: str, days: set[int]) -> None:
     assert parse_window(text).days == frozenset(days)
+
+
+def test_scan_bound_is_read_and_defaults_to_eight(tmp_path: Path, kubeconfig: Path) -> None:
+    clusters = f"clusters:\n  - name: a\n    kubeconfig: {kubeconfig}\n"
+    assert load_settings(write(tmp_path, clusters), environ={}).scan.max_concurrent_clusters == 8
+    cfg = write(tmp_path, "scan: {max_concurrent_clusters: 3}\n" + clusters)
+    s = load_settings(cfg, environ={})
+    assert s.scan.max_concurrent_clusters == 3
+    assert s.serve.max_concurrent_scans == 4  # serve keeps its own bound
+
+
+@pytest.mark.parametrize(("body", "key", "expect"), [
+    ("scan: {max_concurrent_clusters: 0}\n", "scan.max_concurrent_clusters",
+     "expected a whole number from 1 to 64, got 0"),
+    ("scan: {max_concurrent_clusters: 2.5}\n", "scan.max_concurrent_clusters",
+     "expected a whole number from 1 to 64"),
+    ("scan: {max_concurrent_clusters: 65}\n", "scan.max_concurrent_clusters", "got 65"),
+    ("scan: {max_clusters: 2}\n", "scan.max_clusters",
+     "unknown key (expected one of: max_concurrent_clusters)"),
+    ("scan: 4\n", "scan", "expected a mapping, got a number (4)"),
+])
+def test_bad_scan_bound_gets_one_clear_message(tmp_path: Path, kubeconfig: Path, body: str,
+                                               key: str, expect: str) -> None:
+    cfg = write(tmp_path, body + f"clusters:\n  - name: a\n    kubeconfig: {kubeconfig}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    message = str(info.value)
+    assert message.startswith(str(cfg))
+    assert key in message
+    assert expect in message

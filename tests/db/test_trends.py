@@ -260,7 +260,7 @@ def test_connection_lost_mid_write_fails_that_cluster_and_retry_works(pg_url: st
         killed = []
 
         def kill(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-            if "INSERT INTO node_probes" in statement and not killed:
+            if "INSERT INTO control_scans" in statement and not killed:
                 pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
                 with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
                     admin.execute("SELECT pg_terminate_backend(%s)", (pid,))

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select, text
 
+from scanner import scan as scan_module
+from scanner.core.errors import StoreError
 from scanner.db.models import ClusterScan, FindingRow, NodeProbe
+from scanner.db.store import Store
+from scanner.probe import forget_learned
 from tests.helpers.scan_harness import CALICO_VERSIONS, Harness, Node
 
 
@@ -347,3 +351,37 @@ def test_a_cluster_locked_by_another_scanner_is_not_scanned_twice(
     assert out.cluster("free")["status"] == "compliant"
     assert "another felixscan is scanning this cluster" in out.cluster("busy")["error"]
     assert harness.scan(sqlite_url).code == 0  # released: scanned normally
+
+
+def test_second_scan_speaks_first_what_each_endpoint_spoke_last_time(
+        harness: Harness, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The previous scan's protocols, read from the database (`Store.last_protocols`), are
+    the probe's hints; the in-process memory is cleared first, as in a new process. The
+    results are the same; a database that cannot say leaves the probe without hints."""
+    harness.cluster("h", ["felix-tls", "felix-http", "other", "closed"])
+    first = harness.scan(sqlite_url)
+    seen: list[object] = []
+    real = scan_module.probe_nodes
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("hints"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scan_module, "probe_nodes", spy)
+    forget_learned()
+    second = harness.scan(sqlite_url)
+    nodes = first.cluster("h")["nodes"]
+    assert seen[0] == {(nodes[0]["address"], 9091): "https", (nodes[1]["address"], 9091): "http",
+                       (nodes[2]["address"], 9091): "http"}
+    assert [(n["state"], n["protocol"], n["felix"], n["verdict"])
+            for n in second.cluster("h")["nodes"]] == [
+        (n["state"], n["protocol"], n["felix"], n["verdict"]) for n in nodes]
+
+    def broken(self: Store, cluster: str) -> dict[tuple[str, int], str]:
+        raise StoreError("database read failed (sqlite): disk I/O error")
+
+    monkeypatch.setattr(Store, "last_protocols", broken)
+    seen.clear()
+    third = harness.scan(sqlite_url)
+    assert seen[0] is None
+    assert third.cluster("h")["status"] == first.cluster("h")["status"] == "non_compliant"

@@ -17,8 +17,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scanner import __version__
-
 SHELLS = ("bash", "zsh")
 _WORD = re.compile(r"[A-Za-z0-9_.:/+@%,=-]+")  # a choice that needs no quoting in either shell
 
@@ -131,7 +129,7 @@ def _bash(root: Command) -> str:
 
     every = list(root.all())
     return _BASH.format(
-        version=__version__,
+        version=_version(),
         commands="\n".join(case(" ".join(c.path), [s.path[-1] for s in c.commands])
                            for c in every if c.commands),
         options="\n".join(case(" ".join(c.path), [f for o in c.options for f in o.flags])
@@ -234,7 +232,7 @@ complete -F _felixscan felixscan
 
 def _zsh(root: Command) -> str:
     functions = "\n\n".join(_zsh_function(c) for c in root.all())
-    return _ZSH.format(version=__version__, functions=functions)
+    return _ZSH.format(version=_version(), functions=functions)
 
 
 def _zsh_function(c: Command) -> str:
@@ -315,3 +313,8 @@ else
   compdef _felixscan felixscan
 fi
 """
+
+
+def _version() -> str:
+    from scanner import __version__
+    return __version__

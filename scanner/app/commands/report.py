@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from reports.outputs import FORMATS as OUTPUT_FORMATS
 from scanner.app.exitcodes import ExitCode
 from scanner.app.options import (
+    OUTPUT_FORMATS,
     UsageError,
     check_out,
     check_readable,

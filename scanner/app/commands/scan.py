@@ -11,9 +11,8 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from reports.outputs import FORMATS as OUTPUT_FORMATS
 from scanner.app.exitcodes import EXIT_CODES, ExitCode, for_scan
-from scanner.app.options import UsageError, check_out, common, settings_of
+from scanner.app.options import OUTPUT_FORMATS, UsageError, check_out, common, settings_of
 from scanner.telemetry.logs import say
 
 LOCK_WAIT_SECONDS = 60.0  # how long `scan` waits for another process scanning the same cluster
@@ -66,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
         settings = replace(settings, vantage=args.vantage)
     from contextlib import nullcontext, redirect_stdout
 
-    from reports.outputs import render_scan, scan_text, write_output
     from scanner.db.store import Store
     from scanner.scan import run_scan
 
@@ -74,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     guard = redirect_stdout(sys.stderr) if fmt != "text" and not to_file else nullcontext()
     with guard, Store(settings.database) as store:
         outcome = run_scan(settings, store=store, trigger="cli", lock_wait=LOCK_WAIT_SECONDS)
+    from reports.outputs import render_scan, scan_text, write_output
+
     body = render_scan(fmt, scan_id=outcome.scan_id, started_at=outcome.started_at,
                        finished_at=outcome.finished_at, clusters=outcome.clusters,
                        vantage=outcome.vantage)

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from reports.outputs import csv_cell
 from scanner.app.options import UsageError, common
 from scanner.core.records import CONTROL_IDS
 
@@ -74,6 +73,8 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> No
         json.dump([{k: r[k] for k in columns} for r in rows], sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif fmt == "csv":
+        from reports.outputs import csv_cell
+
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
         for r in rows:

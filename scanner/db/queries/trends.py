@@ -9,11 +9,12 @@ O(probes). Streaks are Felix's nodes'.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import Connection, String, and_, func, select, type_coerce
 from sqlalchemy.orm import aliased
 
 from scanner.db.models import DailyClusterSummary, DailyControlSummary, NodeState
@@ -61,6 +62,60 @@ class Streak:
                 "last_scan_at": self.last_scan_at.isoformat()}
 
 
+# One point as the database returns it, its day as ISO text: (cluster, day, nodes, passing,
+# failing, unknown, status, scans, waived); `nodes` is the control's targets for a control.
+TrendTuple = tuple[str, str, int, int, int, int, str, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TrendTable:
+    """The points of `trend` as the plain tuples the database returned, for callers that
+    encode a fleet's year of them (the JSON API): no record, no date object per point."""
+
+    control: str | None
+    rows: Sequence[TrendTuple]
+
+    def points(self) -> list[TrendPoint]:
+        control = self.control
+        return [TrendPoint(cluster=cluster, day=date.fromisoformat(day), nodes=nodes,
+                           failing=failing, unknown=unknown,
+                           ratio=passing / nodes if nodes else None, status=status,
+                           scans=scans, waived=waived, control=control)
+                for cluster, day, nodes, passing, failing, unknown, status, scans, waived
+                in self.rows]
+
+    def json(self) -> str:
+        """`[p.as_dict() for p in self.points()]` as `json.dumps(..., ensure_ascii=False)`
+        writes it, byte for byte, without a dict per point: each cluster's and status's JSON
+        string and each distinct ratio are encoded once (the rows come grouped by cluster).
+        The counts are the database's integers (NOT NULL columns), written as `json` would."""
+        statuses: dict[str, str] = {}
+        ratios: dict[tuple[int, int], str] = {}
+        tail = "}" if self.control is None else f', "control": {_json_str(self.control)}}}'
+        out: list[str] = []
+        append = out.append
+        cluster_now: str | None = None
+        head = ""
+        for cluster, day, nodes, passing, failing, unknown, status, scans, waived in self.rows:
+            if cluster != cluster_now:
+                cluster_now = cluster
+                head = '{"cluster": ' + _json_str(cluster) + ', "day": "'
+            if passing == nodes and nodes:
+                ratio = "1.0"  # round(1.0, 6)
+            else:
+                ratio = ratios.get((passing, nodes)) or ratios.setdefault(
+                    (passing, nodes), repr(round(passing / nodes, 6)) if nodes else "null")
+            quoted = statuses.get(status) or statuses.setdefault(status, _json_str(status))
+            append(f'{head}{day}", "nodes": {nodes}, "failing": {failing}, '
+                   f'"unknown": {unknown}, "ratio": {ratio}, "status": {quoted}, '
+                   f'"scans": {scans}, "waived": {waived}{tail}')
+        return "[" + ", ".join(out) + "]"
+
+
+def _json_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 def trend(store: Store, *, clusters: Sequence[str] = (), days: int = 30,
           today: date | None = None, control: str | None = None) -> list[TrendPoint]:
     """One point per cluster and UTC day over the last `days` days (today included).
@@ -69,41 +124,49 @@ def trend(store: Store, *, clusters: Sequence[str] = (), days: int = 30,
     control's figures (`daily_control_summary`), each point naming it, its `nodes` the
     control's targets.
     """
+    return trend_table(store, clusters=clusters, days=days, today=today,
+                       control=control).points()
+
+
+def trend_table(store: Store, *, clusters: Sequence[str] = (), days: int = 30,
+                today: date | None = None, control: str | None = None) -> TrendTable:
+    """`trend`'s points as plain tuples, in the same order (cluster, then day)."""
     today = today or datetime.now(UTC).date()
     first = today - timedelta(days=max(days, 1) - 1)
-    if control is not None:
-        return _control_trend(store, control, clusters=clusters, first=first, today=today)
-    t = DailyClusterSummary
-    # Plain columns, not ORM entities: a year of a fleet is thousands of rows, and building
-    # mapped objects for them would cost more than the query.
-    stmt = (select(t.cluster, t.day, t.nodes, t.passing, t.failing, t.unknown, t.status,
-                   t.scans, t.waived)
-            .where(t.day >= first, t.day <= today).order_by(t.cluster, t.day))
-    if clusters:
-        stmt = stmt.where(t.cluster.in_(list(clusters)))
+    t: type[DailyClusterSummary] | type[DailyControlSummary]
+    t, nodes = ((DailyClusterSummary, DailyClusterSummary.nodes) if control is None
+                else (DailyControlSummary, DailyControlSummary.targets))
     with store.reading() as s:
-        return [TrendPoint(cluster=cluster, day=day, nodes=nodes, failing=failing,
-                           unknown=unknown, ratio=passing / nodes if nodes else None,
-                           status=status, scans=scans, waived=waived)
-                for cluster, day, nodes, passing, failing, unknown, status, scans, waived
-                in s.execute(stmt)]
+        conn = s.connection()
+        # Plain columns on the session's connection, the day read as the text SQLite stores
+        # (PostgreSQL formats it): a year of a fleet is thousands of rows, and a mapped
+        # object or a parsed date each would cost more than the query.
+        day = (type_coerce(func.to_char(t.day, "YYYY-MM-DD"), String)
+               if conn.dialect.name == "postgresql" else type_coerce(t.day, String))
+        stmt = (select(t.cluster, day, nodes, t.passing, t.failing, t.unknown, t.status,
+                       t.scans, t.waived)
+                .order_by(t.cluster, t.day))
+        if control is not None:
+            stmt = stmt.where(DailyControlSummary.control == control,
+                              t.day >= first, t.day <= today)
+        elif conn.dialect.name == "sqlite" and _most_days(conn, first=first, today=today):
+            # SQLite has no statistics: it would read the day index and sort what it found.
+            # When the period holds most of the table, `likely` steers it to read the table
+            # in primary-key order (cluster, day), already the order asked for.
+            stmt = stmt.where(func.likely(t.day >= first), func.likely(t.day <= today))
+        else:
+            stmt = stmt.where(t.day >= first, t.day <= today)
+        if clusters:
+            stmt = stmt.where(t.cluster.in_(list(clusters)))
+        rows = conn.execute(stmt).all()
+    return TrendTable(control=control, rows=rows)
 
 
-def _control_trend(store: Store, control: str, *, clusters: Sequence[str], first: date,
-                   today: date) -> list[TrendPoint]:
-    t = DailyControlSummary
-    stmt = (select(t.cluster, t.day, t.targets, t.passing, t.failing, t.unknown, t.status,
-                   t.scans, t.waived)
-            .where(t.control == control, t.day >= first, t.day <= today)
-            .order_by(t.cluster, t.day))
-    if clusters:
-        stmt = stmt.where(t.cluster.in_(list(clusters)))
-    with store.reading() as s:
-        return [TrendPoint(cluster=cluster, day=day, nodes=targets, failing=failing,
-                           unknown=unknown, ratio=passing / targets if targets else None,
-                           status=status, scans=scans, waived=waived, control=control)
-                for cluster, day, targets, passing, failing, unknown, status, scans, waived
-                in s.execute(stmt)]
+def _most_days(conn: Connection, *, first: date, today: date) -> bool:
+    """Does the period [first, today] span at least half the days `daily_cluster_summary`
+    holds (one probe of its day index)?"""
+    oldest = conn.execute(select(func.min(DailyClusterSummary.day))).scalar()
+    return oldest is None or (today - first) * 2 >= today - oldest
 
 
 def failing_streaks(store: Store, *, clusters: Sequence[str] = (), limit: int = 50,
