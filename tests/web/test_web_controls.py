@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, time, timedelta
 from html.parser import HTMLParser
 
 import pytest
@@ -39,7 +39,9 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with Store(f"sqlite:///{tmp / 'felixscan.db'}") as store:
         fill(store)
         for back in range(DAYS - 1, -1, -1):
-            at = NOW - timedelta(days=back, minutes=30)
+            # half an hour earlier, but on that day even just after midnight (UTC)
+            at = max(NOW - timedelta(days=back, minutes=30),
+                     datetime.combine(TODAY - timedelta(days=back), time(), UTC))
             save(store, tri(at), lean(at))
         cache = ReportCache(tmp / "cache", entries=4)
         app = create_app(store=store, auth=Auth(token=TOKEN), reports=cache,
